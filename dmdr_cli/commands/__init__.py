@@ -1,0 +1,1 @@
+"""Thin Typer commands: parse options, resolve the config, call a recipe."""

@@ -1,0 +1,1 @@
+"""Shared engine: runtime (devices, seeds), sampler, networks and adapters, checkpoints, metrics."""

@@ -1,0 +1,94 @@
+"""Family-agnostic samplers (ALGORITHM.md 3.2 and 5.2).
+
+One loop serves the multi-step teacher (ODE, CFG, ends at t = 0) and the few-step student
+(training-consistent grid, no CFG, ODE or SDE, ends at ``x0_end``), and doubles as the training-time
+backward simulation, which needs the per-step clean estimates ``X0[i]``.
+
+Noise is drawn per sample from per-sample generators, so an image depends only on its own seed,
+never on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dmdr_cli.families.base import Cond, predict_cfg
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What to run: a time grid (model input times, ``t = 1`` is noise), its end point and mode."""
+
+    grid: tuple[float, ...]
+    t_end: float
+    mode: str = "ode"            # "ode" | "sde"
+    guidance: float = 1.0        # CFG scale; <= 1 means a single conditional pass
+    pure_noise_first: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid)
+
+
+def teacher_spec(family, steps: int, guidance: float) -> SamplerSpec:
+    """The base model's own multi-step ODE sampler with CFG."""
+    return SamplerSpec(tuple(family.teacher_grid(steps)), 0.0, "ode", guidance)
+
+
+def student_spec(family, student_cfg, steps: int | None = None, guidance: float = 1.0) -> SamplerSpec:
+    """The training-consistent few-step sampler of a student config (grid, end point, simulation mode)."""
+    steps = steps or student_cfg.steps
+    explicit = student_cfg.grid if len(student_cfg.grid) == steps else []
+    grid = family.student_grid(steps, explicit, student_cfg.grid_dtype)
+    return SamplerSpec(tuple(grid), family.student_end(), student_cfg.simulation, guidance, student_cfg.pure_noise_first)
+
+
+def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    """``B x shape`` standard normal noise, row ``b`` drawn from ``generators[b]`` on the CPU."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def run_sampler(family, net, spec: SamplerSpec, cond: Cond, uncond: Cond | None, noise: torch.Tensor,
+                generators: list[torch.Generator] | None = None, return_x0s: bool = False):
+    """Integrate from ``noise`` along ``spec``; returns the final latents (and the per-step x0 estimates).
+
+    ODE: ``x <- ode_step(x, F(x, t_i), t_i, t_{i+1})`` with ``t_N = t_end``; ``X0[i]`` = the final sample.
+    SDE: ``X0[i] = to_x0(F(x, t_i))``; ``x <- renoise(X0[i], t_{i+1}, fresh eps)``; the last step returns X0.
+    """
+    x = noise
+    x0s: list[torch.Tensor] = []
+    n = spec.steps
+    for i, t_i in enumerate(spec.grid):
+        t = torch.full((x.shape[0],), float(t_i), device=x.device)
+        out = predict_cfg(family, net, x, t, cond, uncond, spec.guidance)
+        t_next = spec.grid[i + 1] if i + 1 < n else spec.t_end
+        if spec.mode == "ode":
+            x = family.ode_step(x, out, t, t_next).to(noise.dtype)
+        else:
+            x0 = family.to_x0(x, out, t)
+            x0s.append(x0)
+            if i + 1 < n:
+                fresh = per_sample_noise(generators, tuple(x.shape[1:]), x.device) if generators else torch.randn_like(x)
+                x = family.add_noise(x0, fresh, torch.full_like(t, float(t_next))).to(noise.dtype)
+            else:
+                x = x0.to(noise.dtype)
+    if spec.mode == "ode":
+        x0s = [x] * n
+    return (x, x0s) if return_x0s else x
+
+
+@torch.no_grad()
+def generate(bundle, net, spec: SamplerSpec, prompts: list[str], seeds: list[int], resolution: int,
+             uncond: Cond | None = None) -> torch.Tensor:
+    """Images ``B x 3 x H x W`` in [0, 1] for ``prompts`` with per-image ``seeds``."""
+    family = bundle.family
+    shape = family.latent_shape(bundle, resolution)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = per_sample_noise(generators, shape, bundle.device).to(bundle.dtype)
+    cond = family.encode_prompts(bundle, prompts)
+    if spec.guidance > 1.0 and uncond is None:
+        uncond = family.encode_prompts(bundle, [""])
+    latents = run_sampler(family, net, spec, cond, uncond, noise, generators)
+    return family.decode(bundle, latents)

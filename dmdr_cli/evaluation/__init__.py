@@ -1,0 +1,1 @@
+"""Benchmarks: GenEval, FID/KID, reward metrics, DPG-Bench, reports."""

@@ -1,0 +1,1 @@
+"""Training losses (DMD, fake score, RL plug-ins) as small pure functions working in x0 space."""

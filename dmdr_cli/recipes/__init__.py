@@ -1,0 +1,1 @@
+"""One readable workflow per command."""

@@ -1,0 +1,1 @@
+"""Terminal UI: console messages, progress bars, dashboards (the only rich importer)."""
