@@ -26,7 +26,14 @@ def distill(
     extra += [f"distill.max_steps={max_steps}"] if max_steps is not None else []
     extra += [f"distill.prompts={prompts}"] if prompts is not None else []
     cfg = resolve_config(base, config, set_, extra)
-    _check_engine(cfg, "distill")
+    run_dir = out or Path("runs") / f"{cfg.name or 'custom'}-{cfg.student.steps}step"
+    from dmdr_cli.recipes import distill as recipe
+    from dmdr_cli.ui import console
+    from dmdr_cli.ui.dashboard import Dashboard
+
+    last = recipe.run(cfg, run_dir, resume=resume, sink=Dashboard("distill", every=max(1, cfg.distill.max_steps // 20)))
+    if last is not None:
+        console.success(f"stage 1 done: {run_dir} (last checkpoint {last.name})")
 
 
 @guarded

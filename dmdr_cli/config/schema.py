@@ -107,7 +107,8 @@ class DistillConfig:
     beta_a0: float = _f(4.0, "DynaRS initial Beta a0.")
     beta_b0: float = _f(1.5, "DynaRS initial Beta b0.")
     nan_mode: str = _f("faithful", "Non-finite DMD gradients: 'faithful' (torch nan_to_num) or 'clean' (zero + skip step).")
-    prompts: str = _f("", "Prompt file (txt: one per line; jsonl: a 'prompt' field); empty: the preset's default source.")
+    prompts: str = _f("hf:DyJiang/dmdr/t2i-2m-filtered-prompts.txt",
+                      "Training prompts: a .txt/.jsonl file, builtin:NAME, or hf:REPO/FILE (read from the HF cache only).")
     checkpoint_every: int = _f(500, "Checkpoint every this many generator steps.")
     sample_every: int = _f(100, "Write a sample grid every this many generator steps.")
     keep_last: int = _f(3, "Checkpoints to keep.")

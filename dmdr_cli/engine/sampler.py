@@ -11,6 +11,7 @@ never on the batch it was generated in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,11 +52,14 @@ def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...], 
 
 
 def run_sampler(family, net, spec: SamplerSpec, cond: Cond, uncond: Cond | None, noise: torch.Tensor,
-                generators: list[torch.Generator] | None = None, return_x0s: bool = False):
+                generators: list[torch.Generator] | None = None, return_x0s: bool = False,
+                noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Integrate from ``noise`` along ``spec``; returns the final latents (and the per-step x0 estimates).
 
     ODE: ``x <- ode_step(x, F(x, t_i), t_i, t_{i+1})`` with ``t_N = t_end``; ``X0[i]`` = the final sample.
     SDE: ``X0[i] = to_x0(F(x, t_i))``; ``x <- renoise(X0[i], t_{i+1}, fresh eps)``; the last step returns X0.
+    Fresh SDE noise comes from ``noise_fn(x)`` (training: one explicit generator), else from the
+    per-sample ``generators`` (sampling: an image depends only on its seed).
     """
     x = noise
     x0s: list[torch.Tensor] = []
@@ -70,7 +74,12 @@ def run_sampler(family, net, spec: SamplerSpec, cond: Cond, uncond: Cond | None,
             x0 = family.to_x0(x, out, t)
             x0s.append(x0)
             if i + 1 < n:
-                fresh = per_sample_noise(generators, tuple(x.shape[1:]), x.device) if generators else torch.randn_like(x)
+                if noise_fn is not None:
+                    fresh = noise_fn(x)
+                elif generators:
+                    fresh = per_sample_noise(generators, tuple(x.shape[1:]), x.device)
+                else:
+                    raise ValueError("SDE sampling needs generators or noise_fn (no hidden global RNG)")
                 x = family.add_noise(x0, fresh, torch.full_like(t, float(t_next))).to(noise.dtype)
             else:
                 x = x0.to(noise.dtype)

@@ -1,0 +1,152 @@
+"""One frozen base network serving teacher, generator, fake score and real score (ALGORITHM.md 2).
+
+The base carries two named PEFT LoRA adapters: ``gen`` (the few-step generator, scale 1) and ``guide``
+(the critic; used at scale ``lambda_f`` as fake score and at the DynaDG scale ``lambda_r(k)`` as real
+score; ``lambda_r = 0`` means adapters disabled = pure teacher). Only :meth:`Roles.role` touches adapter
+state, and it restores the previous state on exit.
+
+PEFT traps handled here (ENVIRONMENT.md, ALGORITHM.md 2.2/12.8):
+- ``set_adapter``/``disable_adapters`` toggle ``requires_grad`` of inactive adapters; switching between a
+  forward and its ``backward()`` silently drops gradients. Every switch re-enables ``requires_grad`` on all
+  trainable LoRA tensors, and optimisers get their parameters by *name*, never from ``requires_grad``.
+- ``set_adapter`` after ``disable_adapters`` does not re-enable adapters: ``enable_adapters()`` first.
+- The diffusers ``joint_attention_kwargs={"scale": s}`` path is never used (its s = 0 reset wipes scales).
+
+Optional: a full-weight generator copy (SDXL 1-step), where the ``gen`` role calls that copy instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+GEN, GUIDE = "gen", "guide"
+
+
+def lora_config(rank: int, alpha: int, targets: list[str] | tuple[str, ...]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def adapter_params(net: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """LoRA parameters of ``adapter``, selected by name (``...lora_A.<adapter>.weight``)."""
+    return {n: p for n, p in net.named_parameters() if (f".{adapter}." in n) and ("lora_" in n)}
+
+
+class Roles:
+    """The adapter layout on one base network and the only switch of adapter state."""
+
+    def __init__(self, base: torch.nn.Module, *, targets, gen_rank: int, gen_alpha: int, guide_rank: int,
+                 guide_alpha: int, fake_scale: float = 2.0, full_generator: bool = False,
+                 generator_init: dict | None = None) -> None:
+        self.base = base
+        self.fake_scale = fake_scale
+        base.requires_grad_(False)
+        self.generator: torch.nn.Module | None = None
+        if full_generator:
+            self.generator = copy.deepcopy(base)
+            if generator_init is not None:
+                self.generator.load_state_dict(generator_init, strict=True)
+            self.generator.requires_grad_(True)
+        else:
+            base.add_adapter(lora_config(gen_rank, gen_alpha, targets), adapter_name=GEN)
+        base.add_adapter(lora_config(guide_rank, guide_alpha, targets), adapter_name=GUIDE)
+        self._gen = dict(self.generator.named_parameters()) if self.generator is not None else adapter_params(base, GEN)
+        self._guide = adapter_params(base, GUIDE)
+        if not self._guide or not self._gen:
+            raise RuntimeError("LoRA injection matched no modules; check lora.targets")
+        self._state: tuple = ("teacher",)
+        self._apply(("teacher",), force=True)
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def gen_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return self._gen
+
+    def guide_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return self._guide
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return list(self._gen.values()) + list(self._guide.values())
+
+    # -- roles --------------------------------------------------------------------------------------
+    @property
+    def state(self) -> tuple:
+        return self._state
+
+    def _apply(self, state: tuple, force: bool = False) -> None:
+        if state == self._state and not force:
+            return
+        kind = state[0]
+        if kind == "teacher" or (kind == "gen" and self.generator is not None):
+            self.base.disable_adapters()
+        elif kind == "gen":
+            self.base.enable_adapters()
+            self.base.set_adapters([GEN], weights=[1.0])
+        else:  # ("guide", scale)
+            self.base.enable_adapters()
+            self.base.set_adapters([GUIDE], weights=[float(state[1])])
+        for p in self.trainable():  # PEFT flips requires_grad on inactive adapters: undo it
+            p.requires_grad_(True)
+        self._state = state
+
+    @staticmethod
+    def _state_for(name: str, scale: float | None, fake_scale: float) -> tuple:
+        if name == "teacher":
+            return ("teacher",)
+        if name == "gen":
+            return ("gen",)
+        if name == "fake":
+            return ("guide", fake_scale)
+        if name == "real":
+            lam = float(scale or 0.0)
+            return ("teacher",) if lam == 0.0 else ("guide", lam)
+        raise ValueError(f"unknown role {name!r}")
+
+    def activate(self, name: str, scale: float | None = None) -> torch.nn.Module:
+        """Switch to a role without restoring (e.g. back to ``gen`` before ``backward()``)."""
+        self._apply(self._state_for(name, scale, self.fake_scale))
+        return self.generator if (name == "gen" and self.generator is not None) else self.base
+
+    @contextmanager
+    def role(self, name: str, scale: float | None = None) -> Iterator[torch.nn.Module]:
+        """``with roles.role("fake") as net:`` -> the module to call in that role; restores the previous state."""
+        previous = self._state
+        net = self.activate(name, scale)
+        try:
+            yield net
+        finally:
+            self._apply(previous)
+
+    # -- state dicts ---------------------------------------------------------------------------------
+    def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Trainable tensors by group (``gen``, ``guide``), CPU copies keyed by parameter name."""
+        return {GEN: {n: p.detach().cpu().clone() for n, p in self._gen.items()},
+                GUIDE: {n: p.detach().cpu().clone() for n, p in self._guide.items()}}
+
+    def load_adapter_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for group, params in ((GEN, self._gen), (GUIDE, self._guide)):
+            saved = state[group]
+            missing = set(params) ^ set(saved)
+            if missing:
+                raise KeyError(f"{group}: {len(missing)} mismatched tensors, e.g. {sorted(missing)[:2]}")
+            with torch.no_grad():
+                for n, p in params.items():
+                    if saved[n].shape != p.shape:
+                        raise KeyError(f"{group}: shape of {n} is {tuple(saved[n].shape)}, expected {tuple(p.shape)}")
+                    p.copy_(saved[n].to(p.device, p.dtype))
+
+
+def unique_storage_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of distinct parameter storages across modules (shared tensors counted once)."""
+    seen, total = set(), 0
+    for m in modules:
+        for p in m.parameters():
+            key = p.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += p.untyped_storage().nbytes()
+    return total

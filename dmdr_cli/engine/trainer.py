@@ -1,0 +1,254 @@
+"""The training loop shared by ``distill`` (stage 1) and ``finetune-rl`` (stage 2).
+
+Counters: ``j`` inner steps (one critic update each), ``k`` generator updates (every ``ttur``-th inner
+step, j > 0). Every schedule, ``max_steps``, checkpoint and sample cadence counts ``k``.
+
+Distributed: the base network is not DDP-wrapped; after each ``backward()`` the trainable LoRA
+gradients are all-reduced (mean) by hand (ALGORITHM.md 2.2). Each rank draws its own noise, times and
+CFG scales from ``seed + rank``; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dmdr_cli.engine import checkpoint as ckpt_io
+from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, select_generator_input, simulate
+from dmdr_cli.engine.networks import GEN, GUIDE
+from dmdr_cli.errors import DmdrError
+
+
+class TrainingDiverged(DmdrError):
+    """A non-finite loss: the run stops, the last good checkpoint stays intact."""
+
+
+@dataclass
+class TrainPlan:
+    """Flat training settings (built from the config by a recipe)."""
+
+    run_dir: Path
+    stage: str
+    max_steps: int                  # absolute generator step to stop at
+    lr_gen: float
+    lr_guide: float
+    wd_gen: float = 0.01
+    wd_guide: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    use_8bit_adam: bool = False
+    checkpoint_every: int = 500
+    sample_every: int = 100
+    keep_last: int = 3
+    sde_input: str = "official"
+    seed: int = 30
+    resolution: int = 512
+    dmd: DMDSettings = field(default_factory=DMDSettings)
+    identity: dict = field(default_factory=dict)
+
+
+def _adamw(params, lr, wd, plan: TrainPlan, device):
+    if plan.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=plan.betas, eps=plan.adam_eps, weight_decay=wd)
+        except ImportError:
+            pass
+    return torch.optim.AdamW(params, lr=lr, betas=plan.betas, eps=plan.adam_eps, weight_decay=wd)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    def __init__(self, bundle, roles, spec, plan: TrainPlan, stream, sink, accel, sample_prompts: list[str],
+                 rl_fn: Callable | None = None) -> None:
+        self.bundle, self.family, self.roles, self.spec = bundle, bundle.family, roles, spec
+        self.plan, self.stream, self.sink, self.accel = plan, stream, sink, accel
+        self.sample_prompts, self.rl_fn = sample_prompts, rl_fn
+        self.device = bundle.device
+        self.rank, self.world = accel.process_index, accel.num_processes
+        self.is_main = accel.is_main_process
+        self.gen = torch.Generator().manual_seed(plan.seed + self.rank)
+        self.opt_g = _adamw(list(roles.gen_parameters().values()), plan.lr_gen, plan.wd_gen, plan, self.device)
+        self.opt_c = _adamw(list(roles.guide_parameters().values()), plan.lr_guide, plan.wd_guide, plan, self.device)
+        self.k = 0
+        self.j = 0
+        self.last_saved: Path | None = None
+        self.latent_shape = self.family.latent_shape(bundle, plan.resolution)
+        self.uncond = self.family.encode_prompts(bundle, [""])
+
+    # -- state ------------------------------------------------------------------------------------
+    def set_lrs(self) -> dict[str, float]:
+        """Re-apply this stage's learning rates (loading optimiser state restores the saved ones)."""
+        for g in self.opt_g.param_groups:
+            g["lr"] = self.plan.lr_gen
+        for g in self.opt_c.param_groups:
+            g["lr"] = self.plan.lr_guide
+        return {"lr/gen": self.plan.lr_gen, "lr/guide": self.plan.lr_guide}
+
+    def restore(self, ckpt: Path, *, same_stage: bool) -> None:
+        """Load adapters, optimiser states and counters; for ``same_stage`` also RNG and prompt position."""
+        state = ckpt_io.read_state(ckpt)
+        ckpt_io.check_identity(state, self.plan.identity, ckpt)
+        tensors = {GEN: ckpt_io.load_tensors(ckpt, GEN), GUIDE: ckpt_io.load_tensors(ckpt, GUIDE)}
+        try:
+            self.roles.load_adapter_state(tensors)
+        except KeyError as exc:
+            raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit this model: {exc}",
+                                          "resume with the preset and LoRA ranks it was trained with") from None
+        optim, rng = ckpt_io.load_extras(ckpt)
+        self.opt_g.load_state_dict(optim[GEN])
+        self.opt_c.load_state_dict(optim[GUIDE])
+        self.k, self.j = int(state["k"]), int(state["j"])
+        if same_stage:
+            states = rng["train_gen"]
+            if len(states) == self.world:
+                self.gen.set_state(states[self.rank])
+            ckpt_io.restore_global_rng(rng)
+            self.stream.restore(state["prompt_stream"])
+        self.sink.event(f"resumed from {ckpt.name} (k={self.k}, j={self.j}); " +
+                        ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()))
+
+    def save(self) -> Path | None:
+        states = self._gather([self.gen.get_state()])
+        if self.is_main:
+            state = {"j": self.j, "stage": self.plan.stage, "prompt_stream": self.stream.state(),
+                     "grid": list(self.spec.grid), "t_end": self.spec.t_end, "mode": self.spec.mode,
+                     "schedule": {"dynamic_steps": self.plan.dmd.dynamic_steps}, **self.plan.identity}
+            optim = {GEN: self.opt_g.state_dict(), GUIDE: self.opt_c.state_dict()}
+            self.last_saved = ckpt_io.save(self.plan.run_dir, self.k, self.roles.adapter_state(), optim,
+                                           _RankStates(states), state, self.plan.keep_last)
+            self.sink.event(f"checkpoint {self.last_saved.name}")
+        self.accel.wait_for_everyone()
+        return self.last_saved
+
+    def _gather(self, obj: list):
+        if self.world == 1:
+            return obj
+        from accelerate.utils import gather_object
+
+        return gather_object(obj)
+
+    # -- one inner step ---------------------------------------------------------------------------
+    def _sync_grads(self, params) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad /= self.world
+
+    def _check_finite(self, loss: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(loss):
+            where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+            raise TrainingDiverged(f"{name} became {float(loss)} at generator step {self.k} (inner step {self.j}); {where}",
+                                   "lower the learning rates, or try --set distill.nan_mode=clean")
+
+    def inner_step(self) -> dict | None:
+        s = self.plan.dmd
+        prompts = self.stream.next()
+        cond = self.family.encode_prompts(self.bundle, prompts)
+        x0s = simulate(self.roles, self.family, self.spec, cond, self.latent_shape, self.gen, self.device, self.bundle.dtype)
+        x_c, x_in, t_g, _ = select_generator_input(self.family, self.spec, x0s, self.gen, self.plan.sde_input)
+        guide = list(self.roles.guide_parameters().values())
+        gen = list(self.roles.gen_parameters().values())
+        with self.accel.autocast():
+            loss_c, cstats = critic_loss(self.roles, self.family, s, x_c, cond, self.k, self.gen)
+        self._check_finite(loss_c, "the fake-score loss")
+        loss_c.backward()
+        self._sync_grads(guide)
+        cstats["grad/guide_norm"] = float(torch.nn.utils.clip_grad_norm_(guide, s.grad_clip))
+        self.opt_c.step()
+        self.opt_c.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        stats = None
+        if self.j % s.ttur == 0 and self.j > 0:
+            rl = (lambda x0: self.rl_fn(x0, prompts)) if self.rl_fn is not None else None
+            with self.accel.autocast():
+                loss_g, stats = generator_loss(self.roles, self.family, s, x_in, t_g, cond, self.uncond, self.k, self.gen, rl)
+            self._check_finite(loss_g, "the generator loss")
+            loss_g.backward()
+            self._sync_grads(gen)
+            stats["grad/gen_norm"] = float(torch.nn.utils.clip_grad_norm_(gen, s.grad_clip))
+            skip = s.nan_mode == "clean" and stats.get("dmd/nonfinite", 0) > 0
+            if not skip:
+                self.opt_g.step()
+            stats["dmd/skipped"] = float(skip)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.opt_c.zero_grad(set_to_none=True)
+            self.k += 1
+            stats.update(cstats)
+        self.j += 1
+        return stats
+
+    # -- samples ------------------------------------------------------------------------------------
+    def write_samples(self) -> Path | None:
+        if not self.is_main or not self.sample_prompts:
+            return None
+        from dmdr_cli.engine.images import make_grid, save_png, to_pil
+        from dmdr_cli.engine.sampler import generate
+
+        with self.roles.role("gen") as net:
+            imgs = generate(self.bundle, net, self.spec, self.sample_prompts, list(range(len(self.sample_prompts))),
+                            self.plan.resolution)
+        path = save_png(make_grid([to_pil(i) for i in imgs]), self.plan.run_dir / "samples" / f"step-{self.k:06d}.png")
+        self.sink.event(f"samples {path.name}")
+        return path
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        plan = self.plan
+        self.sink.start(plan.max_steps, self.k, plan.stage)
+        t_last = time.perf_counter()
+        try:
+            if self.k == 0 and plan.sample_every > 0:
+                self.write_samples()
+            while self.k < plan.max_steps:
+                stats = self.inner_step()
+                if stats is None:
+                    continue
+                now = time.perf_counter()
+                stats.update({"lr/gen": self.opt_g.param_groups[0]["lr"], "lr/guide": self.opt_c.param_groups[0]["lr"],
+                              "mem/peak_mb": peak_memory_mb(self.device), "time/step_s": now - t_last, "time/inner": self.j})
+                t_last = now
+                if self.is_main:
+                    self.sink.log(self.k, stats)
+                if plan.sample_every > 0 and self.k % plan.sample_every == 0:
+                    self.write_samples()
+                if self.k % plan.checkpoint_every == 0 or self.k == plan.max_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.last_saved is None or not self.last_saved.name.endswith(f"{self.k:06d}"):
+                self.sink.event("interrupted: writing a checkpoint")
+                self.save()
+            raise
+        finally:
+            self.sink.close()
+        return self.last_saved
+
+
+class _RankStates:
+    """Adapter so ``checkpoint.save`` stores every rank's generator state under ``train_gen``."""
+
+    def __init__(self, states: list) -> None:
+        self.states = states
+
+    def get_state(self):
+        return self.states
+
+
+def steps_per_second(metrics: list[dict]) -> float:
+    times = [m["time/step_s"] for m in metrics if "time/step_s" in m]
+    return 1.0 / (sum(times) / len(times)) if times else math.nan
