@@ -24,6 +24,7 @@ def sample(
     n: Annotated[Optional[int], typer.Option("--n", help="Images per prompt.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("samples"),
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png.")] = False,
+    step: Annotated[Optional[int], typer.Option("--step", help="With a run directory: the checkpoint's generator step (default: latest).")] = None,
 ) -> None:
     """Generate images: the teacher (N steps + CFG) by default, a training-consistent few-step sampler with --steps."""
     from dmdr_cli.errors import InputError
@@ -37,21 +38,32 @@ def sample(
         raise InputError("no prompt given", 'pass a prompt ("a cat") or --prompts FILE')
     if any(not t.strip() for t in texts):
         raise InputError("empty prompt", "give a non-empty prompt text")
-    extra = []
-    if ckpt:
-        extra = _ckpt_overrides(ckpt)
-    cfg = resolve_config(base, config, set_, extra)
+    student_ckpt = None
+    if ckpt and _is_run(ckpt):
+        from dmdr_cli.config.loader import resolve_run
+        from dmdr_cli.engine.checkpoint import latest
+
+        cfg = resolve_run(ckpt, list(config or []), list(set_ or []))
+        student_ckpt = latest(ckpt, step)
+    else:
+        cfg = resolve_config(base, config, set_, _ckpt_overrides(ckpt) if ckpt else [])
     if steps is not None and steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
     from dmdr_cli.recipes.sample import SampleRequest, run
 
     req = SampleRequest(texts, out, n=n or cfg.sample.n, seed=cfg.sample.seed if seed is None else seed,
-                        steps=steps, guidance=guidance, grid=grid or cfg.sample.grid, batch_size=cfg.sample.batch_size)
+                        steps=steps, guidance=guidance, grid=grid or cfg.sample.grid, batch_size=cfg.sample.batch_size,
+                        student_ckpt=student_ckpt)
     total = len(texts) * req.n
     with console.progress("sampling", total) as update:
         result = run(cfg, req, on_progress=update)
     console.success(f"wrote {result['images']} images ({result['sampler']}, {result['steps']} steps, "
                     f"guidance {result['guidance']:g}, {result['seconds_per_image']:.2f} s/image) to {result['out_dir']}")
+
+
+def _is_run(ckpt: str) -> bool:
+    p = Path(ckpt).expanduser()
+    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
 
 
 def _ckpt_overrides(ckpt: str) -> list[str]:

@@ -236,6 +236,17 @@ def resolve(base: str | None = None, config_files: list[str] | None = None, sets
     return validate(cfg)
 
 
+def resolve_run(run_dir: str | Path, config_files: list[str] | None = None, sets: list[str] | None = None) -> DmdrConfig:
+    """A run directory's saved config, with further ``--config`` files and ``--set`` overrides on top."""
+    cfg = DmdrConfig()
+    _apply(cfg, load_yaml(Path(run_dir) / "config.yaml"), "", f"{run_dir}/config.yaml")
+    for path in config_files or []:
+        _apply(cfg, load_yaml(path), "", str(path))
+    for item in sets or []:
+        apply_set(cfg, item)
+    return validate(cfg)
+
+
 def dump_yaml(cfg: DmdrConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 

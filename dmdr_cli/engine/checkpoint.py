@@ -96,6 +96,14 @@ def load_tensors(ckpt: Path, group: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})", "delete this checkpoint to fall back to an older one") from None
 
 
+def load_groups(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every adapter group saved in a checkpoint: ``gen``, ``guide`` and, after DPO, ``gen_ref``."""
+    groups = {g: load_tensors(ckpt, g) for g in ("gen", "guide")}
+    if (Path(ckpt) / "gen_ref.safetensors").is_file():
+        groups["gen_ref"] = load_tensors(ckpt, "gen_ref")
+    return groups
+
+
 def load_extras(ckpt: Path) -> tuple[dict, dict]:
     """(optimizer states, rng states) of a checkpoint."""
     try:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-GEN, GUIDE = "gen", "guide"
+GEN, GUIDE, REF = "gen", "guide", "gen_ref"
 
 
 def lora_config(rank: int, alpha: int, targets: list[str] | tuple[str, ...]):
@@ -59,8 +59,32 @@ class Roles:
         self._guide = adapter_params(base, GUIDE)
         if not self._guide or not self._gen:
             raise RuntimeError("LoRA injection matched no modules; check lora.targets")
+        self._ref: dict[str, torch.nn.Parameter] = {}
+        self.reference: torch.nn.Module | None = None
         self._state: tuple = ("teacher",)
         self._apply(("teacher",), force=True)
+
+    def add_reference(self) -> None:
+        """A frozen copy of the current generator (the DPO reference): a third LoRA ``gen_ref``, or a module copy
+        for a full-weight generator. Costs only adapter memory in the LoRA layout."""
+        if self._ref or self.reference is not None:
+            return
+        if self.generator is not None:
+            self.reference = copy.deepcopy(self.generator).requires_grad_(False)
+            return
+        self.base.add_adapter(copy.deepcopy(self.base.peft_config[GEN]), adapter_name=REF)
+        self._ref = adapter_params(self.base, REF)
+        self.sync_reference()
+        self._apply(self._state, force=True)
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """Set the reference to the generator's current weights (start of stage 2)."""
+        if self.reference is not None:
+            self.reference.load_state_dict(self.generator.state_dict())
+        for n, p in self._ref.items():
+            p.copy_(self._gen[n.replace(f".{REF}.", f".{GEN}.")])
+            p.requires_grad_(False)
 
     # -- parameters ---------------------------------------------------------------------------------
     def gen_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -86,11 +110,19 @@ class Roles:
         elif kind == "gen":
             self.base.enable_adapters()
             self.base.set_adapters([GEN], weights=[1.0])
+        elif kind == "ref":
+            if self.reference is not None:
+                self.base.disable_adapters()
+            else:
+                self.base.enable_adapters()
+                self.base.set_adapters([REF], weights=[1.0])
         else:  # ("guide", scale)
             self.base.enable_adapters()
             self.base.set_adapters([GUIDE], weights=[float(state[1])])
         for p in self.trainable():  # PEFT flips requires_grad on inactive adapters: undo it
             p.requires_grad_(True)
+        for p in self._ref.values():  # ... and turns it on for the active one: the reference stays frozen
+            p.requires_grad_(False)
         self._state = state
 
     @staticmethod
@@ -99,6 +131,8 @@ class Roles:
             return ("teacher",)
         if name == "gen":
             return ("gen",)
+        if name == "ref":
+            return ("ref",)
         if name == "fake":
             return ("guide", fake_scale)
         if name == "real":
@@ -108,8 +142,14 @@ class Roles:
 
     def activate(self, name: str, scale: float | None = None) -> torch.nn.Module:
         """Switch to a role without restoring (e.g. back to ``gen`` before ``backward()``)."""
+        if name == "ref" and not (self._ref or self.reference is not None):
+            raise RuntimeError("role 'ref' needs add_reference() first")
         self._apply(self._state_for(name, scale, self.fake_scale))
-        return self.generator if (name == "gen" and self.generator is not None) else self.base
+        if name == "gen" and self.generator is not None:
+            return self.generator
+        if name == "ref" and self.reference is not None:
+            return self.reference
+        return self.base
 
     @contextmanager
     def role(self, name: str, scale: float | None = None) -> Iterator[torch.nn.Module]:
@@ -124,11 +164,19 @@ class Roles:
     # -- state dicts ---------------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Trainable tensors by group (``gen``, ``guide``), CPU copies keyed by parameter name."""
-        return {GEN: {n: p.detach().cpu().clone() for n, p in self._gen.items()},
-                GUIDE: {n: p.detach().cpu().clone() for n, p in self._guide.items()}}
+        out = {GEN: {n: p.detach().cpu().clone() for n, p in self._gen.items()},
+               GUIDE: {n: p.detach().cpu().clone() for n, p in self._guide.items()}}
+        ref = self._ref or (dict(self.reference.named_parameters()) if self.reference is not None else {})
+        if ref:
+            out[REF] = {n: p.detach().cpu().clone() for n, p in ref.items()}
+        return out
 
     def load_adapter_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        for group, params in ((GEN, self._gen), (GUIDE, self._guide)):
+        groups = [(GEN, self._gen), (GUIDE, self._guide)]
+        if REF in state:
+            self.add_reference()
+            groups.append((REF, self._ref or dict(self.reference.named_parameters())))
+        for group, params in groups:
             saved = state[group]
             missing = set(params) ^ set(saved)
             if missing:

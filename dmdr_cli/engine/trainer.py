@@ -10,7 +10,6 @@ CFG scales from ``seed + rank``; only rank 0 writes files.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ class TrainPlan:
     resolution: int = 512
     dmd: DMDSettings = field(default_factory=DMDSettings)
     identity: dict = field(default_factory=dict)
+    stage_start: int = 0            # generator step this stage started at (stage 2: the stage-1 step)
 
 
 def _adamw(params, lr, wd, plan: TrainPlan, device):
@@ -101,7 +101,7 @@ class Trainer:
         """Load adapters, optimiser states and counters; for ``same_stage`` also RNG and prompt position."""
         state = ckpt_io.read_state(ckpt)
         ckpt_io.check_identity(state, self.plan.identity, ckpt)
-        tensors = {GEN: ckpt_io.load_tensors(ckpt, GEN), GUIDE: ckpt_io.load_tensors(ckpt, GUIDE)}
+        tensors = ckpt_io.load_groups(ckpt)
         try:
             self.roles.load_adapter_state(tensors)
         except KeyError as exc:
@@ -120,10 +120,23 @@ class Trainer:
         self.sink.event(f"resumed from {ckpt.name} (k={self.k}, j={self.j}); " +
                         ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()))
 
+    def _check_ranks_in_sync(self) -> None:
+        """All ranks must hold the same trainable weights (gradients are all-reduced, not weights): a plain
+        multi-process launch without a process group would silently train independent copies."""
+        if self.world == 1:
+            return
+        total = sum(float(p.detach().double().sum()) for p in self.roles.trainable())
+        sums = self._gather([total])
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise DmdrError(f"ranks hold different weights ({sums}); gradients are not being synchronised",
+                            "launch with `accelerate launch --multi_gpu` or torchrun so a process group exists")
+
     def save(self) -> Path | None:
+        self._check_ranks_in_sync()
         states = self._gather([self.gen.get_state()])
         if self.is_main:
-            state = {"j": self.j, "stage": self.plan.stage, "prompt_stream": self.stream.state(),
+            state = {"j": self.j, "stage": self.plan.stage, "stage_start": self.plan.stage_start, "world": self.world,
+                     "prompt_stream": self.stream.state(),
                      "grid": list(self.spec.grid), "t_end": self.spec.t_end, "mode": self.spec.mode,
                      "schedule": {"dynamic_steps": self.plan.dmd.dynamic_steps}, **self.plan.identity}
             optim = {GEN: self.opt_g.state_dict(), GUIDE: self.opt_c.state_dict()}
@@ -175,7 +188,7 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         stats = None
         if self.j % s.ttur == 0 and self.j > 0:
-            rl = (lambda x0: self.rl_fn(x0, prompts)) if self.rl_fn is not None else None
+            rl = (lambda x0: self.rl_fn(x0, prompts, cond, self.gen)) if self.rl_fn is not None else None
             with self.accel.autocast():
                 loss_g, stats = generator_loss(self.roles, self.family, s, x_in, t_g, cond, self.uncond, self.k, self.gen, rl)
             self._check_finite(loss_g, "the generator loss")
@@ -211,6 +224,7 @@ class Trainer:
     def run(self) -> Path | None:
         plan = self.plan
         self.sink.start(plan.max_steps, self.k, plan.stage)
+        self.sink.event(f"{self.world} process(es) on {self.device}, batch {self.stream.batch_size} per process")
         t_last = time.perf_counter()
         try:
             if self.k == 0 and plan.sample_every > 0:
@@ -248,7 +262,3 @@ class _RankStates:
     def get_state(self):
         return self.states
 
-
-def steps_per_second(metrics: list[dict]) -> float:
-    times = [m["time/step_s"] for m in metrics if "time/step_s" in m]
-    return 1.0 / (sum(times) / len(times)) if times else math.nan

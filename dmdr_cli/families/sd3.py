@@ -92,6 +92,14 @@ class SD3Family:
         """Flow-matching target ``v = eps - x0``."""
         return noise.float() - x0.float()
 
+    def eps_from(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``eps_hat = x_t + (1 - t) v_hat``."""
+        return x_t.float() + (1 - bcast(t, x_t)) * out.float()
+
+    def noise_std(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level of ``x_t``: ``t``."""
+        return t.float()
+
     def ode_step(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, t_next: float) -> torch.Tensor:
         """Euler step ``x_{t'} = x_t + (t' - t) v_hat``."""
         return x_t.float() + (t_next - bcast(t, x_t)) * out.float()

@@ -84,6 +84,14 @@ class SDXLFamily:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise.float()
 
+    def eps_from(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network predicts ``eps`` directly."""
+        return out.float()
+
+    def noise_std(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level of ``x_tau``: ``sqrt(1 - abar_tau)``."""
+        return (1 - self._abar.to(t.device)[discrete_timestep(t)]).sqrt()
+
     def ode_step(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor, t_next: float) -> torch.Tensor:
         """Deterministic DDIM step to ``t_next``; ``t_next <= 0`` returns ``x0_hat``."""
         x0 = self.to_x0(x_t, out, t)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ class SampleRequest:
     guidance: float | None = None
     grid: bool = False
     batch_size: int = 4
+    student_ckpt: Path | None = None   # a dmdr checkpoint folder: sample its student (gen adapter)
 
 
 def plan(prompts: list[str], n: int, seed: int) -> list[tuple[int, str, int]]:
@@ -45,42 +47,63 @@ def plan(prompts: list[str], n: int, seed: int) -> list[tuple[int, str, int]]:
 
 
 def run(cfg, req: SampleRequest, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    from dmdr_cli.engine.images import make_grid, save_png, to_pil
+    from dmdr_cli.engine.images import save_png
     from dmdr_cli.engine.sampler import generate, student_spec, teacher_spec
     from dmdr_cli.families.loading import load_base
 
-    bundle = load_base(cfg)
-    family = bundle.family
-    if req.steps is None:
-        spec = teacher_spec(family, cfg.teacher.steps, cfg.teacher.guidance if req.guidance is None else req.guidance)
-        kind = "teacher"
+    guidance = req.guidance
+    if req.student_ckpt is not None:  # a trained student: its own grid, no CFG unless asked
+        from dmdr_cli.engine.student import load_student
+
+        bundle, roles, _ = load_student(cfg, req.student_ckpt)
+        net_ctx = roles.role("gen")
+        spec = student_spec(bundle.family, cfg.student, req.steps or cfg.student.steps, guidance or 1.0)
+        kind = f"student@{req.student_ckpt.name}"
     else:
-        spec = student_spec(family, cfg.student, req.steps, 1.0 if req.guidance is None else req.guidance)
-        kind = "student"
+        bundle = load_base(cfg)
+        net_ctx = nullcontext(None)
+        if req.steps is None:  # the teacher's own multi-step sampler with CFG
+            spec = teacher_spec(bundle.family, cfg.teacher.steps, cfg.teacher.guidance if guidance is None else guidance)
+            kind = "teacher"
+        else:  # the training-consistent few-step sampler on the base weights
+            spec = student_spec(bundle.family, cfg.student, req.steps, guidance or 1.0)
+            kind = "few-step"
+    family = bundle.family
     uncond = family.encode_prompts(bundle, [""]) if spec.guidance > 1.0 else None
     req.out_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan(req.prompts, req.n, req.seed)
     records, pil = [], []
     t0 = time.perf_counter()
-    for start in range(0, len(jobs), req.batch_size):
-        chunk = jobs[start:start + req.batch_size]
-        images = generate(bundle, bundle.network, spec, [p for _, p, _ in chunk], [s for _, _, s in chunk],
-                          cfg.model.resolution, uncond)
-        for (idx, prompt, seed), img in zip(chunk, images):
-            name = f"{idx:05d}.png"
-            im = to_pil(img)
-            save_png(im, req.out_dir / name)
-            pil.append(im)
-            records.append({"file": name, "prompt": prompt, "seed": seed, "steps": spec.steps,
-                            "guidance": spec.guidance, "sampler": kind, "mode": spec.mode,
-                            "grid": [round(t, 6) for t in spec.grid], "model": bundle.source, "family": family.name,
-                            "resolution": cfg.model.resolution})
-        if on_progress:
-            on_progress(len(records), len(jobs))
+    with net_ctx as role_net:
+        net = role_net if role_net is not None else bundle.network
+        for start in range(0, len(jobs), req.batch_size):
+            chunk = jobs[start:start + req.batch_size]
+            images = generate(bundle, net, spec, [p for _, p, _ in chunk], [s for _, _, s in chunk],
+                              cfg.model.resolution, uncond)
+            _write(chunk, images, spec, kind, bundle, cfg, req, records, pil)
+            if on_progress:
+                on_progress(len(records), len(jobs))
     seconds = time.perf_counter() - t0
     atomic_write_text(req.out_dir / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     save_resolved(cfg, req.out_dir)
     if req.grid:
+        from dmdr_cli.engine.images import make_grid
+
         save_png(make_grid(pil, cols=req.n if len(req.prompts) > 1 else None), req.out_dir / "grid.png")
     return {"images": len(records), "out_dir": str(req.out_dir), "sampler": kind, "steps": spec.steps,
             "guidance": spec.guidance, "seconds": seconds, "seconds_per_image": seconds / max(len(records), 1)}
+
+
+def _write(chunk, images, spec, kind, bundle, cfg, req: SampleRequest, records: list, pil: list) -> None:
+    """Save one batch of images and append their metadata records."""
+    from dmdr_cli.engine.images import save_png, to_pil
+
+    for (idx, prompt, seed), img in zip(chunk, images):
+        name = f"{idx:05d}.png"
+        im = to_pil(img)
+        save_png(im, req.out_dir / name)
+        pil.append(im)
+        records.append({"file": name, "prompt": prompt, "seed": seed, "steps": spec.steps,
+                        "guidance": spec.guidance, "sampler": kind, "mode": spec.mode,
+                        "grid": [round(t, 6) for t in spec.grid], "model": bundle.source, "family": bundle.family.name,
+                        "resolution": cfg.model.resolution})

@@ -1,0 +1,32 @@
+"""Load the student of a dmdr run directory: the run's base model + its adapters from a checkpoint.
+
+Shared by ``sample --ckpt RUN``, ``eval`` and ``export``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmdr_cli.engine import checkpoint as ckpt_io
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
+
+
+def load_student(cfg, ckpt: Path, device=None):
+    """(bundle, roles) with the checkpoint's adapters loaded; the ``gen`` role is the student."""
+    from dmdr_cli.families.loading import load_base
+    from dmdr_cli.recipes.distill import build_roles, identity
+
+    bundle = load_base(cfg, device=device)
+    roles = build_roles(bundle, cfg)
+    state = ckpt_io.read_state(ckpt)
+    ckpt_io.check_identity(state, identity(cfg, bundle), ckpt)
+    try:
+        roles.load_adapter_state(ckpt_io.load_groups(ckpt))
+    except KeyError as exc:
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit its run's config: {exc}",
+                                      "the run directory was modified; use the config.yaml it was trained with") from None
+    return bundle, roles, state
