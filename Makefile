@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
+DEMO_PROMPTS := "a red circle" "a blue square" "a green star left of a yellow ring" "two red triangles"
+
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample "a red circle" "a blue square above a green triangle" \
-		--base tiny-sd3 --steps 4 --n 2 --grid --out $(DEMO_OUT)/student-4step
-	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample "a red circle" "a blue square above a green triangle" \
-		--base tiny-sd3 --n 2 --grid --out $(DEMO_OUT)/teacher
-	@echo "demo written to $(DEMO_OUT)/ (grid.png in each folder)"
+	rm -rf $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr distill --base tiny-sd3 --out $(DEMO_OUT)/distill
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr finetune-rl --from $(DEMO_OUT)/distill --rl refl --out $(DEMO_OUT)/distill-refl
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample $(DEMO_PROMPTS) --ckpt $(DEMO_OUT)/distill-refl --n 2 --grid --out $(DEMO_OUT)/student
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample $(DEMO_PROMPTS) --base tiny-sd3 --n 2 --grid --out $(DEMO_OUT)/teacher
+	@echo "demo done: runs in $(DEMO_OUT)/distill and $(DEMO_OUT)/distill-refl; compare $(DEMO_OUT)/student/grid.png (4 steps) with $(DEMO_OUT)/teacher/grid.png (28 steps + CFG)"
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; \
