@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from dmdr_cli import __version__
-from dmdr_cli.commands import evaluate, presets, sample, training
+from dmdr_cli.commands import evaluate, export, presets, sample, training
 
 app = typer.Typer(
     name="dmdr",
@@ -25,7 +25,7 @@ app.command("distill")(training.distill)
 app.command("finetune-rl")(training.finetune_rl)
 app.command("sample")(sample.sample)
 app.command("eval")(evaluate.evaluate)
-app.command("export")(evaluate.export)
+app.command("export")(export.export)
 app.add_typer(presets.app, name="presets")
 
 

@@ -1,4 +1,4 @@
-"""``dmdr eval`` and ``dmdr export``: entry points whose engines land with their own issues."""
+"""``dmdr eval``: benchmarks on generated or existing images."""
 
 from __future__ import annotations
 
@@ -25,22 +25,3 @@ def evaluate(
     cfg = resolve_config(base, config, set_, [f"eval.bench={bench}"] if bench else [])
     raise DmdrError(f"`dmdr eval --bench {cfg.eval.bench}`: evaluation is not part of dmdr 0.1.0 yet",
                     "track the evaluation issue")
-
-
-@guarded
-def export(
-    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Run directory to export.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="safetensors | diffusers | lora | comfyui.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16 | bf16 | fp32.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path.")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Export a trained student (merged safetensors, diffusers folder, LoRA, ComfyUI LoRA)."""
-    from dmdr_cli.errors import DmdrError
-
-    extra = [f"export.format={fmt}"] if fmt else []
-    extra += [f"export.dtype={dtype}"] if dtype else []
-    cfg = resolve_config(None, config, set_, extra)
-    raise DmdrError(f"`dmdr export --format {cfg.export.format}`: export is not part of dmdr 0.1.0 yet",
-                    "track the export issue")
