@@ -11,6 +11,15 @@ from pathlib import Path
 from dmdr_cli.errors import InputError
 
 
+_UMASK = os.umask(0)  # read once at import (single-threaded): os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
+def _default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open()`` / ``mkdir()`` would give (mkstemp/mkdtemp create 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename: never half-written."""
     path = Path(path)
@@ -21,6 +30,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +58,7 @@ class AtomicDir:
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
+        os.chmod(self.tmp, _default_mode(directory=True))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -74,7 +85,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise InputError(f"prompt file not found: {p}", "pass an existing .txt or .jsonl file")
     prompts: list[str] = []
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Windows editors) is not prompt text
     if p.suffix == ".jsonl":
         for n, line in enumerate(lines, 1):
             if not line.strip():

@@ -49,9 +49,11 @@ def sample(
         cfg = resolve_config(base, config, set_, _ckpt_overrides(ckpt) if ckpt else [])
     if steps is not None and steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
+    if n is not None and n < 1:
+        raise InputError(f"--n must be >= 1, got {n}")
     from dmdr_cli.recipes.sample import SampleRequest, run
 
-    req = SampleRequest(texts, out, n=n or cfg.sample.n, seed=cfg.sample.seed if seed is None else seed,
+    req = SampleRequest(texts, out, n=cfg.sample.n if n is None else n, seed=cfg.sample.seed if seed is None else seed,
                         steps=steps, guidance=guidance, grid=grid or cfg.sample.grid, batch_size=cfg.sample.batch_size,
                         student_ckpt=student_ckpt)
     total = len(texts) * req.n

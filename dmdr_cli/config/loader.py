@@ -22,6 +22,7 @@ from dmdr_cli.errors import ConfigError, did_you_mean
 
 _TRUE = {"true", "yes", "on", "1", "y"}
 _FALSE = {"false", "no", "off", "0", "n"}
+_FIX = "fix the value in the preset, --config file or --set"
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -43,11 +44,16 @@ def coerce(key: str, value: Any, tp: Any, item: type | None = None) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"}):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return coerce(key, value, inner, item)
-    bad = ConfigError(f"{key} must be of type {_describe(tp)}, got {value!r}", "fix the value in the preset, --config file or --set")
+        try:
+            return coerce(key, value, inner, item)
+        except ConfigError:  # name the full type: "float or null"
+            raise ConfigError(f"{key} must be of type {_describe(tp)}, got {value!r}", _FIX) from None
+    bad = ConfigError(f"{key} must be of type {_describe(tp)}, got {value!r}", _FIX)
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML files read `1`/`0` as ints
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad
@@ -83,7 +89,10 @@ def coerce(key: str, value: Any, tp: Any, item: type | None = None) -> Any:
         raise bad
     if tp is list or origin is list:
         if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip() else []
+            try:
+                parsed = yaml.safe_load(value) if value.strip() else []
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {value!r} is not a valid YAML list", "e.g. --set student.grid=[1.0,0.75]") from None
             value = parsed if isinstance(parsed, list) else [parsed]
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -109,7 +118,7 @@ def _coerce_item(key: str, value: Any, cls: type) -> dict:
 def _apply(cfg: Any, data: dict, prefix: str, source: str) -> None:
     """Apply a nested mapping onto dataclass ``cfg`` in place."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     types = _field_types(type(cfg))
     for key, value in data.items():
@@ -119,7 +128,8 @@ def _apply(cfg: Any, data: dict, prefix: str, source: str) -> None:
                               "`dmdr presets show NAME --resolved` lists every key")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, f"{full}.", source)
+            if value is not None:  # an empty section (every key commented out) reads as null
+                _apply(current, value, f"{full}.", source)
         else:
             setattr(cfg, key, coerce(full, value, types[key], fields[key].metadata.get("item")))
 
@@ -177,7 +187,7 @@ def validate(cfg: DmdrConfig) -> DmdrConfig:
     if cfg.student.grid and len(cfg.student.grid) != cfg.student.steps:
         raise ConfigError(f"student.grid has {len(cfg.student.grid)} values but student.steps is {cfg.student.steps}")
     for t in cfg.student.grid:
-        if not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) <= 1.0:
             raise ConfigError(f"student.grid values must be numbers in (0, 1], got {t!r}")
     return cfg
 

@@ -105,9 +105,10 @@ def detect_family(folder: Path) -> str:
         raise ConfigError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder",
                           "pass a folder saved with save_pretrained, or a preset name")
     try:
-        cls = json.loads(index.read_text()).get("_class_name", "")
+        data = json.loads(index.read_text())
     except json.JSONDecodeError:
         raise ConfigError(f"{index} is not valid JSON") from None
+    cls = data.get("_class_name", "") if isinstance(data, dict) else ""
     if cls not in _CLASS_TO_FAMILY:
         raise ConfigError(f"{folder}: pipeline class '{cls}' is not supported",
                           f"supported: {', '.join(_CLASS_TO_FAMILY)}; or pass --set model.family=sd3|sdxl")

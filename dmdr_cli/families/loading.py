@@ -27,7 +27,8 @@ def _hf_cache_dir() -> str:
 def _missing(hub_id: str, family: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"base model '{hub_id}' is not on this machine (looked in the Hugging Face cache {_hf_cache_dir()})",
-        f"on a connected machine run `huggingface-cli download {hub_id}` into that cache, or put the diffusers folder "
+        f"on a connected machine run `hf download {hub_id}` (huggingface_hub < 0.34: `huggingface-cli download`) into that cache, "
+        f"or put the diffusers folder "
         f"({EXPECTED_LAYOUT.get(family, 'model_index.json + components')}) anywhere and pass --set model.path=DIR; "
         "--set model.allow_download=true lets dmdr download it",
     )

@@ -77,7 +77,7 @@ class SD3Family:
         dtype = next(net.parameters()).dtype
         out = net(
             hidden_states=x_t.to(dtype),
-            timestep=flow_time_input(t.to(x_t.device)).to(dtype),
+            timestep=flow_time_input(t.to(x_t.device)),  # fp32: bf16 would turn round(1000 t) = 898 into 896
             encoder_hidden_states=cond.tensors["encoder_hidden_states"].to(dtype),
             pooled_projections=cond.tensors["pooled_projections"].to(dtype),
             return_dict=False,

@@ -1,0 +1,183 @@
+"""The family-agnostic sampler on the tiny SD3 and SDXL pipelines (ALGORITHM.md 5.1 / 5.2)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from dmdr_cli.engine.sampler import SamplerSpec, generate, run_sampler, student_spec, teacher_spec
+
+# Batched CPU kernels are not bitwise batch-invariant (another batch size can pick another BLAS blocking), so
+# "the same image whatever the batch" holds up to float rounding: ~3e-6 in [0, 1] on the tiny models.
+BATCH_ATOL = 1e-4
+
+
+def noise_for(bundle, seeds):
+    shape = bundle.family.latent_shape(bundle, 64)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+# -- specs ---------------------------------------------------------------------------------------------
+
+
+def test_student_spec_tiny_sd3(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    spec = student_spec(bundle.family, cfg.student)
+    assert spec.steps == 4 and spec.mode == "ode" and spec.guidance == 1.0 and not spec.pure_noise_first
+    assert spec.t_end == 0.001
+    # ALGORITHM.md 5.1, SD3 shift 3, fp32 column
+    assert spec.grid == pytest.approx((1.0, 0.90012, 0.75037, 0.50100), abs=1e-5)
+    assert all(np.float32(t) == t for t in spec.grid)  # fp32 values
+    assert [round(1000 * t) for t in spec.grid] == [1000, 900, 750, 501]
+    # an explicit --steps overrides the config's N; bf16 grid on request
+    assert student_spec(bundle.family, cfg.student, steps=1).grid == (1.0,)
+    bf16 = dataclasses.replace(cfg.student, grid_dtype="bf16")
+    assert student_spec(bundle.family, bf16).grid == (1.0, 0.8984375, 0.75, 0.5)
+
+
+def test_student_spec_tiny_sdxl(sdxl_loaded):
+    cfg, bundle = sdxl_loaded
+    spec = student_spec(bundle.family, cfg.student)
+    assert spec.grid == (0.399,) and spec.t_end == 0.0
+    assert spec.mode == cfg.student.simulation == "sde"
+    assert spec.pure_noise_first is True
+    # 4 steps on SDXL: DMD2's trailing grid
+    assert student_spec(bundle.family, cfg.student, steps=4).grid == (0.999, 0.749, 0.499, 0.249)
+
+
+def test_teacher_spec(sd3_loaded, sdxl_loaded):
+    s3 = teacher_spec(sd3_loaded[1].family, 28, 7.0)
+    assert (s3.steps, s3.t_end, s3.mode, s3.guidance) == (28, 0.0, "ode", 7.0) and s3.grid[0] == 1.0
+    assert list(s3.grid) == sorted(s3.grid, reverse=True)
+    sx = teacher_spec(sdxl_loaded[1].family, 4, 5.0)
+    assert sx.grid == (0.999, 0.749, 0.499, 0.249) and sx.t_end == 0.0
+
+
+# -- hand-checked steps -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_sd3_one_ode_step_is_euler_to_t_end(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    fam, net = bundle.family, bundle.network
+    spec = student_spec(fam, cfg.student, steps=1)
+    assert spec.grid == (1.0,) and spec.t_end == 0.001
+    z = noise_for(bundle, [3, 4])
+    cond = fam.encode_prompts(bundle, ["a red circle", "a blue square"])
+    v = fam.predict(net, z, torch.ones(2), cond)
+    x = run_sampler(fam, net, spec, cond, None, z)
+    assert torch.allclose(x, z + (0.001 - 1.0) * v, atol=1e-6)
+
+
+@torch.no_grad()
+def test_sd3_two_ode_steps(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    fam, net = bundle.family, bundle.network
+    spec = SamplerSpec((1.0, 0.6), 0.001, "ode")
+    z = noise_for(bundle, [5])
+    cond = fam.encode_prompts(bundle, ["a"])
+    x1 = z + (0.6 - 1.0) * fam.predict(net, z, torch.ones(1), cond)
+    x2 = x1 + (0.001 - 0.6) * fam.predict(net, x1, torch.full((1,), 0.6), cond)
+    assert torch.allclose(run_sampler(fam, net, spec, cond, None, z), x2, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_sdxl_one_step_at_399(sdxl_loaded, mode):
+    cfg, bundle = sdxl_loaded
+    fam, net = bundle.family, bundle.network
+    spec = dataclasses.replace(student_spec(fam, cfg.student), mode=mode)
+    z = noise_for(bundle, [7, 8])
+    cond = fam.encode_prompts(bundle, ["a red circle", "a blue square"])
+    eps_hat = fam.predict(net, z, torch.full((2,), 0.399), cond)
+    expected = (z - 0.75757 * eps_hat) / 0.65275  # ALGORITHM.md 5.2
+    x = run_sampler(fam, net, spec, cond, None, z, generators=[torch.Generator().manual_seed(0)] * 2)
+    assert torch.allclose(x, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+# -- seeds and batches ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["sd3", "sdxl"])
+def test_same_seed_same_image_whatever_the_batch(request, which):
+    cfg, bundle = request.getfixturevalue(f"{which}_loaded")
+    spec = student_spec(bundle.family, cfg.student, steps=2 if which == "sd3" else None)
+    both = generate(bundle, bundle.network, spec, ["a red circle", "a blue square"], [11, 12], 64)
+    alone = generate(bundle, bundle.network, spec, ["a blue square"], [12], 64)
+    assert both.shape == (2, 3, 64, 64) and alone.shape == (1, 3, 64, 64)
+    assert (both[1] - alone[0]).abs().max() < BATCH_ATOL
+    again = generate(bundle, bundle.network, spec, ["a red circle", "a blue square"], [11, 12], 64)
+    assert torch.equal(again, both)  # same batch, same seeds: bitwise identical
+
+
+def test_different_seeds_different_images(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    spec = student_spec(bundle.family, cfg.student, steps=2)
+    imgs = generate(bundle, bundle.network, spec, ["a red circle"] * 2, [0, 1], 64)
+    assert (imgs[0] - imgs[1]).abs().mean() > 1e-2
+
+
+def test_teacher_cfg_changes_the_image(sdxl_loaded):
+    cfg, bundle = sdxl_loaded
+    fam = bundle.family
+    plain = generate(bundle, bundle.network, teacher_spec(fam, 2, 1.0), ["a red circle"], [0], 64)
+    guided = generate(bundle, bundle.network, teacher_spec(fam, 2, 6.0), ["a red circle"], [0], 64)
+    uncond = fam.encode_prompts(bundle, [""])
+    guided2 = generate(bundle, bundle.network, teacher_spec(fam, 2, 6.0), ["a red circle"], [0], 64, uncond)
+    assert (plain - guided).abs().max() > 1e-3
+    assert torch.allclose(guided, guided2, atol=1e-6)  # the default uncond is the encoding of ""
+
+
+@torch.no_grad()
+def test_sde_reproducible_with_per_sample_generators(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    fam, net = bundle.family, bundle.network
+    spec = SamplerSpec((1.0, 0.75, 0.5), 0.001, "sde")
+    cond = fam.encode_prompts(bundle, ["a", "b"])
+    z = noise_for(bundle, [1, 2])
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    a, a_x0s = run_sampler(fam, net, spec, cond, None, z, gens([1, 2]), return_x0s=True)
+    b = run_sampler(fam, net, spec, cond, None, z, gens([1, 2]))
+    c = run_sampler(fam, net, spec, cond, None, z, gens([1, 3]))
+    assert torch.equal(a, b)
+    assert torch.allclose(a[0], c[0], atol=1e-5) and (a[1] - c[1]).abs().max() > 1e-3  # only sample 1 changed
+    ode = run_sampler(fam, net, dataclasses.replace(spec, mode="ode"), cond, None, z)
+    assert (a - ode).abs().max() > 1e-3
+    # SDE: X0[i] = to_x0 at each step; the last one is the result
+    assert len(a_x0s) == 3 and torch.equal(a_x0s[-1], a)
+    assert not torch.allclose(a_x0s[0], a_x0s[1])
+    with pytest.raises(ValueError, match="generators or noise_fn"):
+        run_sampler(fam, net, spec, cond, None, z)
+
+
+@torch.no_grad()
+def test_sde_noise_fn_is_used(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    fam, net = bundle.family, bundle.network
+    spec = SamplerSpec((1.0, 0.5), 0.001, "sde")
+    cond = fam.encode_prompts(bundle, ["a"])
+    z = noise_for(bundle, [1])
+    zero = run_sampler(fam, net, spec, cond, None, z, noise_fn=torch.zeros_like)
+    x0 = fam.to_x0(z, fam.predict(net, z, torch.ones(1), cond), torch.ones(1))
+    x_half = fam.add_noise(x0, torch.zeros_like(x0), torch.full((1,), 0.5))  # = 0.5 x0
+    expected = fam.to_x0(x_half, fam.predict(net, x_half, torch.full((1,), 0.5), cond), torch.full((1,), 0.5))
+    assert torch.allclose(zero, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_return_x0s_in_ode_mode(sd3_loaded):
+    cfg, bundle = sd3_loaded
+    fam, net = bundle.family, bundle.network
+    spec = student_spec(fam, cfg.student, steps=3)
+    cond = fam.encode_prompts(bundle, ["a"])
+    z = noise_for(bundle, [9])
+    x, x0s = run_sampler(fam, net, spec, cond, None, z, return_x0s=True)
+    assert len(x0s) == 3
+    assert all(torch.equal(e, x) for e in x0s)
+    assert torch.equal(run_sampler(fam, net, spec, cond, None, z), x)
