@@ -96,13 +96,18 @@ def select_generator_input(family, spec: SamplerSpec, x0s: list[torch.Tensor], g
 
 
 def critic_loss(roles, family, s: DMDSettings, x_c: torch.Tensor, cond: Cond, k: int, gen: torch.Generator):
-    """Fake-score loss on detached student samples: guide adapter at lambda_f, conditional only."""
+    """Fake-score loss on detached student samples: guide adapter at lambda_f, conditional only.
+
+    Leaves the ``fake`` role active: activation checkpointing recomputes forward segments during
+    ``backward()`` under the current adapter state, which must be the one the loss was built with.
+    """
     t_c = draw_t(s, x_c.shape[0], k, gen, x_c.device)
     eps = randn(gen, x_c.shape, x_c.device, x_c.dtype)
     x_tc = family.add_noise(x_c.detach(), eps, t_c)
     with roles.role("fake") as net:
         pred = family.predict(net, x_tc, t_c, cond)
     loss = fake_score_loss(pred, family.target(x_c.detach(), eps, t_c))
+    roles.activate("fake")
     return loss, {"loss/fake": float(loss.detach())}
 
 

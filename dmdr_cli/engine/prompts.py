@@ -49,7 +49,7 @@ def load_source(spec: str) -> list[str]:
             except Exception:
                 continue
         raise InputError(f"prompt file '{filename}' of '{repo}' is not in the Hugging Face cache",
-                         f"download it on a connected machine (`huggingface-cli download {repo} {filename}`) "
+                         f"download it on a connected machine (`hf download {repo} {filename}`) "
                          "or pass --prompts FILE")
     return read_prompts(spec)
 

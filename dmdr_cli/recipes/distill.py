@@ -23,13 +23,14 @@ from dmdr_cli.errors import InputError
 
 
 def make_accelerator(cfg):
-    import os
+    """The accelerate runtime. Call it only after the model is known to exist: it is process-wide state.
 
+    ``cpu=True`` on CPU also makes ``accelerate launch --multi_gpu`` runs join a gloo process group instead of
+    silently training independent copies (the trainer verifies this at every checkpoint).
+    """
     from accelerate import Accelerator
 
     cpu = cfg.runtime.device == "cpu" or not __import__("torch").cuda.is_available()
-    if cpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # multi-process CPU runs need gloo, not a silent split
     return Accelerator(cpu=cpu, mixed_precision=cfg.runtime.mixed_precision)
 
 
@@ -104,9 +105,10 @@ def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
     from dmdr_cli.engine.prompts import PromptStream
     from dmdr_cli.engine.sampler import student_spec
     from dmdr_cli.engine.trainer import Trainer, TrainPlan
-    from dmdr_cli.families.loading import load_base
+    from dmdr_cli.families.loading import load_base, resolve_model_folder
 
     check_run_dir(run_dir, resume)
+    resolve_model_folder(cfg.model)  # fail on missing weights before any process-wide state exists
     accel = make_accelerator(cfg)
     bundle = load_base(cfg, device=accel.device)
     roles = build_roles(bundle, cfg)

@@ -40,11 +40,12 @@ def run(cfg, from_run: Path, run_dir: Path, *, resume: bool = False, sink=None):
     from dmdr_cli.engine.rl import build_plugin
     from dmdr_cli.engine.sampler import student_spec
     from dmdr_cli.engine.trainer import Trainer, TrainPlan
-    from dmdr_cli.families.loading import load_base
+    from dmdr_cli.families.loading import load_base, resolve_model_folder
 
     check_run_dir(run_dir, resume)
     source = latest(run_dir) if resume else latest(from_run)
     start = int(read_state(source).get("stage_start", 0)) if resume else int(read_state(source)["k"])
+    resolve_model_folder(cfg.model)
     accel = make_accelerator(cfg)
     bundle = load_base(cfg, device=accel.device)
     roles = build_roles(bundle, cfg)
