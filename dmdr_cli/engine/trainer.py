@@ -11,7 +11,10 @@ CFG scales from ``seed + rank``; only rank 0 writes files.
 from __future__ import annotations
 
 import resource
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -166,7 +169,7 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, name: str) -> None:
         if not torch.isfinite(loss):
             where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
-            raise TrainingDiverged(f"{name} became {float(loss)} at generator step {self.k} (inner step {self.j}); {where}",
+            raise TrainingDiverged(f"{name} became {float(loss.detach())} at generator step {self.k} (inner step {self.j}); {where}",
                                    "lower the learning rates, or try --set distill.nan_mode=clean")
 
     def inner_step(self) -> dict | None:
@@ -221,7 +224,31 @@ class Trainer:
         return path
 
     # -- loop ---------------------------------------------------------------------------------------
+    @contextmanager
+    def _deferred_interrupt(self):
+        """The first Ctrl-C only sets a flag, honoured between inner steps (a checkpoint taken mid-step would
+        hold a half-updated state); a second Ctrl-C interrupts at once."""
+        self._interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def run(self) -> Path | None:
+        with self._deferred_interrupt():
+            return self._run()
+
+    def _run(self) -> Path | None:
         plan = self.plan
         self.sink.start(plan.max_steps, self.k, plan.stage)
         self.sink.event(f"{self.world} process(es) on {self.device}, batch {self.stream.batch_size} per process")
@@ -230,6 +257,8 @@ class Trainer:
             if self.k == 0 and plan.sample_every > 0:
                 self.write_samples()
             while self.k < plan.max_steps:
+                if self._interrupted:
+                    raise KeyboardInterrupt
                 stats = self.inner_step()
                 if stats is None:
                     continue
@@ -241,7 +270,7 @@ class Trainer:
                     self.sink.log(self.k, stats)
                 if plan.sample_every > 0 and self.k % plan.sample_every == 0:
                     self.write_samples()
-                if self.k % plan.checkpoint_every == 0 or self.k == plan.max_steps:
+                if (plan.checkpoint_every > 0 and self.k % plan.checkpoint_every == 0) or self.k == plan.max_steps:
                     self.save()
         except KeyboardInterrupt:
             if self.last_saved is None or not self.last_saved.name.endswith(f"{self.k:06d}"):

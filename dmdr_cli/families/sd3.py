@@ -93,8 +93,10 @@ class SD3Family:
         return noise.float() - x0.float()
 
     def eps_from(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``eps_hat = x_t + (1 - t) v_hat``."""
-        return x_t.float() + (1 - bcast(t, x_t)) * out.float()
+        """``eps_hat`` such that ``x_t = (1 - t) x0_hat + t eps_hat`` with this family's ``to_x0``:
+        ``eps_hat = x_t - (1 - t)(x0_end - t)/t v_hat`` (= ``x_t + (1 - t) v_hat`` when ``x0_end = 0``)."""
+        tt = bcast(t, x_t)
+        return x_t.float() - (1 - tt) * (self.x0_end - tt) / tt * out.float()
 
     def noise_std(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level of ``x_t``: ``t``."""

@@ -122,11 +122,11 @@ def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
                      sample_every=d.sample_every, keep_last=d.keep_last, sde_input=cfg.student.sde_input,
                      seed=cfg.runtime.seed, resolution=cfg.model.resolution, dmd=dmd_settings(cfg),
                      identity=identity(cfg, bundle))
-    if accel.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, run_dir)
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
     trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=prompts[:4])
     if resume:
         trainer.restore(latest(run_dir), same_stage=True)
+    if accel.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir)
     return trainer.run()

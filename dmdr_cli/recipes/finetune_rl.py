@@ -61,13 +61,13 @@ def run(cfg, from_run: Path, run_dir: Path, *, resume: bool = False, sink=None):
                      checkpoint_every=f.checkpoint_every, sample_every=f.sample_every, keep_last=d.keep_last,
                      sde_input=cfg.student.sde_input, seed=cfg.runtime.seed + 1, resolution=cfg.model.resolution,
                      dmd=dmd_settings(cfg, dmd_weight=f.dmd_weight), identity=identity(cfg, bundle), stage_start=start)
+    sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
+    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=prompts[:4], rl_fn=plugin)
+    trainer.restore(source, same_stage=resume)
     if accel.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
         (run_dir / "parent.txt").write_text(f"{Path(from_run).resolve()}\n{source.name}\n")
-    sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
-    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=prompts[:4], rl_fn=plugin)
-    trainer.restore(source, same_stage=resume)
     if f.rl == "dpo" and not resume:
         roles.sync_reference()  # the DPO reference is the generator at the start of stage 2
     return trainer.run()

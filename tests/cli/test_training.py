@@ -1,0 +1,397 @@
+"""End-to-end training through the CLI (``dmdr distill``, ``dmdr finetune-rl``, ``dmdr sample --ckpt``) on the
+tiny models: run-directory layout, exact resume, refusals with exit code 2, divergence, Ctrl-C, stage 2 and a
+real two-process ``accelerate launch``.
+
+Runs are in-process (typer's CliRunner) except the distributed one; module fixtures share one 2-step tiny-sd3
+run and one 2-step tiny-sdxl run, and tests that modify a run work on a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dmdr_cli.app import app
+from dmdr_cli.engine.checkpoint import CKPT_RE, checkpoint_dirs, load_extras, load_groups, read_state
+from dmdr_cli.engine.metrics import read_metrics
+
+RUN_FILES = {"gen.safetensors", "guide.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+VOLATILE = {"time", "time/step_s", "mem/peak_mb"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks run much faster on one thread (and identically in every run of this module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dmdr(*args) -> "object":
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result) -> None:
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if "error:" in line]
+
+
+def fails_cleanly(result, *needles: str) -> str:
+    """Exit code 2, exactly one error line containing every needle, and no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output
+    lines = error_lines(result)
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return load_groups(ckpt)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() == {"gen", "guide"}
+    for group in ta:
+        assert ta[group].keys() == tb[group].keys() and len(ta[group]) == 30
+        for n in ta[group]:
+            assert torch.equal(ta[group][n], tb[group][n]), (group, n)
+
+
+def metrics_by_step(run: Path) -> dict[int, dict]:
+    return {int(m["step"]): {k: v for k, v in m.items() if k not in VOLATILE} for m in read_metrics(run / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sd3") / "run"
+    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run))
+    return run
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sdxl") / "run"
+    ok(dmdr("distill", "--base", "tiny-sdxl", "--max-steps", 2, "--out", run, "--set", "distill.sample_every=0"))
+    return run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+# -- stage 1 run directory -------------------------------------------------------------------------
+
+def test_distill_writes_a_complete_run_directory(sd3_run):
+    run = sd3_run
+    assert (run / "config.yaml").is_file()
+    assert "tiny: sd3" in (run / "config.yaml").read_text() and "max_steps: 2" in (run / "config.yaml").read_text()
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        for key in ("loss/dmd", "loss/fake", "sched/lambda_r", "sched/beta_a"):
+            assert isinstance(m[key], float) and m[key] == m[key], key
+        assert m["phase"] == "distill" and m["lr/gen"] == 1e-4 and m["dmd/skipped"] == 0.0
+    assert metrics[0]["sched/lambda_r"] == 0.5 and metrics[0]["sched/beta_a"] == 4.0
+    assert metrics[1]["sched/lambda_r"] < 0.5 and metrics[1]["sched/beta_a"] < 4.0  # DynaDG/DynaRS anneal with k
+    assert [m["time/inner"] for m in metrics] == [6.0, 11.0]  # generator steps at j = 5 and j = 10
+    sample = run / "samples" / "step-000000.png"
+    assert sample.is_file() and sample.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpts = checkpoint_dirs(run)
+    assert [c.name for c in ckpts] == ["step-000002"]
+    assert {p.name for p in ckpts[0].iterdir()} == RUN_FILES
+    state = read_state(ckpts[0])
+    assert (state["k"], state["j"], state["world"], state["stage"]) == (2, 11, 1, "distill")
+    assert state["family"] == "sd3" and state["base"] == "tiny-sd3" and state["mode"] == "ode"
+    assert len(state["grid"]) == 4 and state["grid"][0] == 1.0
+    assert state["prompt_stream"]["pos"] == 22
+    optim, rng = load_extras(ckpts[0])
+    assert set(optim) == {"gen", "guide"} and len(rng["train_gen"]) == 1
+    # only the temp-free final checkpoint folder remains
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_exact_resume_is_bit_identical(sd3_run, tmp_path):
+    straight = tmp_path / "straight"
+    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", straight,
+            "--set", "distill.checkpoint_every=2"))
+    resumed = copy_run(sd3_run, tmp_path / "resumed")   # the same config stopped after 2 steps
+    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", resumed, "--resume",
+               "--set", "distill.checkpoint_every=2")
+    ok(res)
+    assert "resumed from step-000002 (k=2, j=11)" in res.output
+    assert [c.name for c in checkpoint_dirs(straight)] == ["step-000002", "step-000004"]
+    assert [c.name for c in checkpoint_dirs(resumed)] == ["step-000002", "step-000004"]
+    assert_same_tensors(straight / "checkpoints/step-000002", resumed / "checkpoints/step-000002")
+    assert_same_tensors(straight / "checkpoints/step-000004", resumed / "checkpoints/step-000004")
+    a, b = metrics_by_step(straight), metrics_by_step(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert a[step] == b[step], step
+    sa, sb = read_state(straight / "checkpoints/step-000004"), read_state(resumed / "checkpoints/step-000004")
+    assert sa["j"] == sb["j"] == 21 and sa["prompt_stream"] == sb["prompt_stream"]
+    ra, rb = load_extras(straight / "checkpoints/step-000004")[1], load_extras(resumed / "checkpoints/step-000004")[1]
+    assert torch.equal(ra["train_gen"][0], rb["train_gen"][0])
+
+
+def test_run_directory_refusals(sd3_run, tmp_path):
+    before = (sd3_run / "metrics.jsonl").read_text()
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", sd3_run),
+                  "already holds a run", "--resume")
+    assert (sd3_run / "metrics.jsonl").read_text() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", empty, "--resume"),
+                  "no checkpoint to resume from")
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--out", tmp_path / "missing", "--resume"),
+                  "no checkpoint to resume from")
+    fails_cleanly(dmdr("finetune-rl", "--from", tmp_path / "nothing", "--rl", "none", "--out", tmp_path / "x"),
+                  "not a dmdr run directory")
+
+
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
+    run = tmp_path / "run"
+    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 1, "--out", run,
+            "--set", "distill.checkpoint_every=0", "--set", "distill.sample_every=0"))
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
+    assert not (run / "samples").exists()
+
+
+# -- broken and foreign checkpoints ------------------------------------------------------------------
+
+def test_corrupt_checkpoint_is_one_clean_error(sd3_run, tmp_path):
+    run = copy_run(sd3_run, tmp_path / "run")
+    gen = run / "checkpoints/step-000002/gen.safetensors"
+    gen.write_bytes(gen.read_bytes()[:100])
+    line = fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s"), "gen.safetensors", "corrupt")
+    assert str(gen) in line
+    assert not (tmp_path / "s" / "00000.png").exists()
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", run, "--resume"),
+                  "gen.safetensors", "corrupt")
+    fails_cleanly(dmdr("finetune-rl", "--from", run, "--rl", "none", "--out", tmp_path / "rl"), "gen.safetensors")
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000002"]  # nothing was overwritten
+
+    (run / "checkpoints/step-000002/state.json").write_text("{not json")
+    fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s2"), "state.json", "not valid JSON")
+    (run / "checkpoints/step-000002/state.json").unlink()
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--out", run, "--resume"), "no state.json")
+
+    opt = copy_run(sd3_run, tmp_path / "opt")
+    (opt / "checkpoints/step-000002/optimizer.pt").write_bytes(b"garbage")
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", opt, "--resume"),
+                  "optimizer/rng state", "corrupt")
+
+
+def test_foreign_family_checkpoint_is_refused(sd3_run, sdxl_run, tmp_path):
+    run = copy_run(sd3_run, tmp_path / "run")
+    shutil.copytree(sdxl_run / "checkpoints/step-000002", run / "checkpoints/step-000099")
+    fails_cleanly(dmdr("finetune-rl", "--from", run, "--rl", "none", "--max-steps", 1, "--out", tmp_path / "rl"),
+                  "trained with family 'sdxl'", "'sd3'")
+    assert checkpoint_dirs(tmp_path / "rl") == []
+    fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s"), "trained with family")
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 200, "--out", run, "--resume"),
+                  "trained with family")
+    # an adapter layout that does not match (other LoRA rank) is refused the same way
+    fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--step", 2, "--out", tmp_path / "s3",
+                       "--set", "lora.gen_rank=4"), "trained with lora")
+
+
+# -- divergence and interruption -----------------------------------------------------------------------
+
+def test_nan_stops_with_exit_2_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 3, "--out", run, "--set", "distill.lr=1e30",
+                   "--set", "distill.checkpoint_every=1", "--set", "distill.sample_every=0")
+    line = fails_cleanly(res, "generator step 1", "checkpoints/step-000001")
+    # the message is built without a torch warning (which would print source lines around the error line)
+    assert not [w for w in caught if "requires_grad" in str(w.message)]
+    assert "became nan" in line or "became inf" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]  # no half-written folder
+    ckpt = run / "checkpoints/step-000001"
+    assert {p.name for p in ckpt.iterdir()} == RUN_FILES
+    state = read_state(ckpt)
+    assert state["k"] == 1 and state["j"] == 6
+    groups = load_groups(ckpt)
+    assert all(torch.isfinite(t).all() for g in groups.values() for t in g.values())
+    load_extras(ckpt)
+    from dmdr_cli.config.loader import resolve_run
+    from dmdr_cli.engine.student import load_student
+
+    _, roles, st = load_student(resolve_run(run), ckpt)  # loads into a fresh model without complaint
+    assert st["k"] == 1
+    assert all(torch.equal(p.detach(), groups["gen"][n]) for n, p in roles.gen_parameters().items())
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monkeypatch):
+    from dmdr_cli.engine.trainer import Trainer
+
+    original = Trainer.inner_step
+    calls = {"n": 0}
+
+    def interrupt_on_8th(self):
+        calls["n"] += 1
+        if calls["n"] == 8:  # two inner steps after the first generator update (j = 5)
+            raise KeyboardInterrupt
+        return original(self)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "inner_step", interrupt_on_8th)
+        res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run)
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.output and "Traceback" not in res.output
+    assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
+    state = read_state(run / "checkpoints/step-000001")
+    assert (state["k"], state["j"]) == (1, 7) and state["prompt_stream"]["pos"] == 14
+    assert {p.name for p in (run / "checkpoints/step-000001").iterdir()} == RUN_FILES
+
+    # resuming mid-cycle reproduces the uninterrupted run bit for bit
+    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run, "--resume")
+    ok(res)
+    assert "resumed from step-000001 (k=1, j=7)" in res.output
+    assert read_state(run / "checkpoints/step-000002")["j"] == 11
+    assert_same_tensors(run / "checkpoints/step-000002", sd3_run / "checkpoints/step-000002")
+    assert metrics_by_step(run)[2] == metrics_by_step(sd3_run)[2]
+
+
+# -- tiny-sdxl: 1-step student -------------------------------------------------------------------------
+
+def test_sdxl_one_step_distill_and_sample(sdxl_run, tmp_path):
+    run = sdxl_run
+    ckpt = run / "checkpoints/step-000002"
+    state = read_state(ckpt)
+    assert state["family"] == "sdxl" and state["grid"] == [0.399] and state["mode"] == "sde" and state["k"] == 2
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["sched/lambda_r"] == 0.0 and m["sched/beta_a"] == 1.0  # DynaDG off, uniform t
+        assert m["loss/dmd"] == m["loss/dmd"] and m["loss/fake"] == m["loss/fake"]
+    assert not (run / "samples").exists()
+    out = tmp_path / "samples"
+    res = dmdr("sample", "a red circle", "a blue star", "--ckpt", run, "--out", out)
+    ok(res)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["00000.png", "00001.png"]
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert meta[0]["sampler"] == "student@step-000002" and meta[0]["steps"] == 1 and meta[0]["family"] == "sdxl"
+    assert meta[0]["grid"] == [0.399] and meta[0]["mode"] == "sde"
+    from PIL import Image
+
+    with Image.open(out / "00000.png") as im:
+        assert im.size == (64, 64)
+
+
+# -- stage 2 -------------------------------------------------------------------------------------------------
+
+def test_finetune_rl_none_continues_from_stage_1(sd3_run, tmp_path):
+    out = tmp_path / "rl"
+    res = dmdr("finetune-rl", "--from", sd3_run, "--rl", "none", "--max-steps", 2, "--out", out,
+               "--set", "finetune_rl.sample_every=0")
+    ok(res)
+    assert "resumed from step-000002 (k=2, j=11); lr/gen=5e-05, lr/guide=5e-05" in res.output
+    parent = (out / "parent.txt").read_text().splitlines()
+    assert parent == [str(sd3_run.resolve()), "step-000002"]
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [3, 4]  # k continues from the stage-1 value
+    for m in metrics:
+        assert m["lr/gen"] == 5e-5 and m["lr/guide"] == 5e-5  # stage-2 LRs, not the restored 1e-4
+        assert m["phase"] == "finetune_rl:none" and m["loss/rl"] == 0.0
+        # schedules keep counting the global k (K = 20 of the tiny preset)
+        assert m["sched/lambda_r"] == pytest.approx(0.25 * (1 + math.cos(math.pi * (m["step"] - 1) / 20)))
+    assert [c.name for c in checkpoint_dirs(out)] == ["step-000004"]
+    state = read_state(out / "checkpoints/step-000004")
+    assert state["stage"] == "finetune_rl:none" and state["stage_start"] == 2 and state["k"] == 4
+    optim, _ = load_extras(out / "checkpoints/step-000004")
+    assert all(g["lr"] == 5e-5 for g in optim["gen"]["param_groups"])
+    # stage 2 trained on from the stage-1 weights
+    s1, s2 = tensors(sd3_run / "checkpoints/step-000002"), tensors(out / "checkpoints/step-000004")
+    assert any(not torch.equal(s1["gen"][n], s2["gen"][n]) for n in s1["gen"])
+    # the stage-1 run is untouched
+    assert [c.name for c in checkpoint_dirs(sd3_run)] == ["step-000002"]
+
+
+def test_finetune_rl_dmd_weight_zero_is_degenerate_but_valid(sd3_run, tmp_path):
+    out = tmp_path / "rl0"
+    res = dmdr("finetune-rl", "--from", sd3_run, "--rl", "none", "--max-steps", 1, "--out", out,
+               "--set", "finetune_rl.dmd_weight=0", "--set", "finetune_rl.sample_every=0")
+    ok(res)
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [3]
+    assert metrics[0]["grad/gen_norm"] == 0.0 and metrics[0]["loss/dmd"] > 0  # logged, but carries no weight
+    assert metrics[0]["grad/guide_norm"] > 0  # the critic still trains
+    assert read_state(out / "checkpoints/step-000003")["k"] == 3
+
+
+# -- two processes ----------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(tmp_path, dmdr_home, tiny_sd3_dir):
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.is_file():
+        pytest.skip("accelerate launcher not installed")
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DMDR_HOME": dmdr_home, "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "dmdr_cli", "distill", "--base", "tiny-sd3", "--out", str(run), "--max-steps", "2",
+           "--set", "runtime.device=cpu", "--set", "distill.sample_every=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ckpt = run / "checkpoints/step-000002"
+    state = read_state(ckpt)
+    assert state["world"] == 2 and state["k"] == 2 and state["j"] == 11
+    _, rng = load_extras(ckpt)
+    gens = rng["train_gen"]
+    assert len(gens) == 2 and not torch.equal(gens[0], gens[1])  # seed + rank
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2]  # only rank 0 writes
+    assert {p.name for p in ckpt.iterdir()} == RUN_FILES
+    # the ranks saw different prompts (the stream is sharded), so the run differs from a single process
+    assert state["prompt_stream"]["pos"] == 22
+
+
+def test_rank_sync_guard_detects_diverging_ranks():
+    """What the distributed run relies on: at every checkpoint the ranks compare a weight checksum."""
+    from types import SimpleNamespace
+
+    from dmdr_cli.engine.trainer import Trainer
+    from dmdr_cli.errors import DmdrError
+
+    roles = SimpleNamespace(trainable=lambda: [torch.ones(3), torch.full((2,), 0.5)])
+    same = SimpleNamespace(world=2, roles=roles, _gather=lambda obj: [obj[0], obj[0]])
+    Trainer._check_ranks_in_sync(same)
+    seen = []
+    differ = SimpleNamespace(world=2, roles=roles, _gather=lambda obj: seen.append(obj[0]) or [obj[0], obj[0] + 0.01])
+    with pytest.raises(DmdrError, match="ranks hold different weights"):
+        Trainer._check_ranks_in_sync(differ)
+    assert seen == [4.0]
+    single = SimpleNamespace(world=1, roles=None, _gather=None)
+    Trainer._check_ranks_in_sync(single)  # one process: nothing to compare
