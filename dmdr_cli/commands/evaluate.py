@@ -12,16 +12,106 @@ from dmdr_cli.commands.common import BaseOpt, ConfigOpt, SetOpt, guarded, resolv
 
 @guarded
 def evaluate(
-    bench: Annotated[Optional[str], typer.Option("--bench", help="geneval | fid | kid | rewards | dpg.")] = None,
-    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Run directory or diffusers folder to evaluate.")] = None,
+    bench: Annotated[Optional[str], typer.Option("--bench", help="geneval | rewards | fid | kid | dpg (default eval.bench).")] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="A dmdr run directory (its student) or a diffusers folder.")] = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    step: Annotated[Optional[int], typer.Option("--step", help="Run checkpoint step (default: latest).")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="Also evaluate a teacher on the same prompts and seeds: 'teacher' (the run's base model, its own steps + CFG) or a preset / diffusers folder.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Score an existing image folder instead of generating.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/eval/BENCH or eval/BENCH).")] = None,
+    metadata: Annotated[Optional[str], typer.Option("--metadata", help="GenEval evaluation_metadata.jsonl (default: resolved locally, sha256-checked).")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="rewards/fid: drawbench | geneval | FILE; dpg: prompts.jsonl.")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="Only the first N prompts (0 = all).")] = None,
+    detector: Annotated[str, typer.Option("--detector", help="GenEval detector backend: hf-m2f | fixture | (digits).")] = "hf-m2f",
+    detector_path: Annotated[str, typer.Option("--detector-path", help="Local folder of the detector weights.")] = "",
+    clip_path: Annotated[str, typer.Option("--clip-path", help="Local CLIP folder for GenEval colour classification.")] = "",
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="GenEval option key=value (threshold, counting_threshold, max_objects, max_overlap, position_threshold).")] = None,
+    reward: Annotated[Optional[list[str]], typer.Option("--reward", help="rewards bench: NAME[=PATH] (repeatable, or comma-separated).")] = None,
+    ref: Annotated[Optional[str], typer.Option("--ref", help="fid/kid: reference image folder or statistics .npz.")] = None,
+    inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="fid/kid: local Inception weights file.")] = None,
+    feature_extractor: Annotated[str, typer.Option("--feature-extractor", help="fid/kid: torch-fidelity feature extractor.")] = "inception-v3-compat",
+    questions: Annotated[Optional[str], typer.Option("--questions", help="dpg: the user-supplied dpg_bench.csv.")] = None,
+    vqa: Annotated[str, typer.Option("--vqa", help="dpg: VQA backend (blip-vqa | modelscope-mplug | scripted).")] = "blip-vqa",
+    vqa_path: Annotated[str, typer.Option("--vqa-path", help="dpg: local VQA model folder.")] = "",
+    dpg_fix: Annotated[bool, typer.Option("--dpg-fix", help="dpg: correct the upstream scoring quirks.")] = False,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="dpg: tolerate images that cannot be scored.")] = False,
 ) -> None:
-    """Evaluate a model or an image folder on a benchmark (GenEval, FID/KID, reward metrics, DPG-Bench)."""
-    from dmdr_cli.errors import DmdrError
+    """Evaluate a student (optionally against its teacher) or an image folder; writes eval.json and report.md."""
+    from dmdr_cli.config.loader import coerce
+    from dmdr_cli.errors import InputError
+    from dmdr_cli.ui import console
 
-    cfg = resolve_config(base, config, set_, [f"eval.bench={bench}"] if bench else [])
-    raise DmdrError(f"`dmdr eval --bench {cfg.eval.bench}`: evaluation is not part of dmdr 0.1.0 yet",
-                    "track the evaluation issue")
+    is_run = bool(ckpt) and (Path(ckpt) / "config.yaml").is_file() and (Path(ckpt) / "checkpoints").is_dir()
+    if is_run:
+        from dmdr_cli.config.loader import resolve_run
+
+        extra = [f"eval.bench={bench}"] if bench else []
+        cfg = resolve_run(ckpt, list(config or []), list(set_ or []) + extra)
+    else:
+        from dmdr_cli.commands.sample import _ckpt_overrides
+
+        extra = (_ckpt_overrides(ckpt) if ckpt else []) + ([f"eval.bench={bench}"] if bench else [])
+        cfg = resolve_config(base, config, set_, extra)
+    bench_name = cfg.eval.bench
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--option expects key=value, got {item!r}")
+        options[key] = coerce(f"--option {key}", value, int if key == "max_objects" else float)
+    rewards = []
+    for item in reward or []:
+        for part in item.split(","):
+            name, _, path = part.partition("=")
+            rewards.append((name.strip(), path.strip()))
+    out_dir = out or ((Path(ckpt) / "eval" / bench_name) if is_run else Path("eval") / bench_name)
+
+    from dmdr_cli.recipes.evaluate import EvalRequest, run
+
+    req = EvalRequest(bench=bench_name, out_dir=out_dir, images=images, metadata=metadata, prompts=prompts,
+                      detector=detector, detector_path=detector_path, clip_path=clip_path, options=options,
+                      rewards=rewards, max_prompts=cfg.eval.max_prompts if max_prompts is None else max_prompts,
+                      images_per_prompt=cfg.eval.images_per_prompt, seed=cfg.eval.seed, ref=ref,
+                      inception_weights=inception_weights, feature_extractor=feature_extractor,
+                      questions=questions, vqa=vqa, vqa_path=vqa_path, dpg_fix=dpg_fix, allow_missing=allow_missing)
+    generators = {} if images is not None else _generators(cfg, ckpt, is_run, step, compare)
+    data = run(cfg, req, generators, console.progress)
+    _print_summary(data)
+    console.success(f"report: {out_dir / 'report.md'}")
+
+
+def _generators(cfg, ckpt, is_run: bool, step, compare) -> dict:
+    from dmdr_cli.engine import generators as g
+
+    out = {}
+    if compare:
+        if compare == "teacher":
+            out["teacher"] = g.teacher_of(cfg)
+        else:
+            from dmdr_cli.config.loader import resolve
+
+            out["teacher"] = g.teacher_of(resolve(compare) if not Path(compare).is_dir() else
+                                          resolve(None, [], [f"model.path={Path(compare).resolve()}", "model.tiny="]))
+    if is_run:
+        out["student"] = g.student_of_run(cfg, Path(ckpt), step)
+    elif ckpt:
+        out["student"] = g.few_step_of(cfg, cfg.student.steps)
+    elif not compare:
+        out["teacher"] = g.teacher_of(cfg)
+    return out
+
+
+def _print_summary(data: dict) -> None:
+    from dmdr_cli.evaluation.report import metric_rows, fmt
+    from dmdr_cli.ui import console
+
+    cols, values = metric_rows(data["bench"], data["results"])
+    rows = []
+    for name, v in values.items():
+        m = data.get("models", {}).get(name, {})
+        rows.append([m.get("label", name)] + [fmt(v.get(c)) for c in cols] + [fmt(m.get("seconds_per_image"), 3)])
+    console.table(f"dmdr eval: {data['bench']}", ["model"] + cols + ["s / image"], rows)
+    if "speedup" in data:
+        console.info(f"speed-up student vs teacher: {data['speedup']:.1f}x")

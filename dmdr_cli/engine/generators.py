@@ -1,0 +1,88 @@
+"""Something that turns (prompts, seeds) into images: a run's student, a diffusers folder, or a teacher.
+
+``eval`` (and ``--compare``) need the same interface for every model under test, with its label, step
+count, guidance and timing, so tables can put teacher and student side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dmdr_cli.engine.sampler import SamplerSpec, generate, student_spec, teacher_spec
+
+
+@dataclass
+class ImageGenerator:
+    label: str
+    bundle: object
+    spec: SamplerSpec
+    resolution: int
+    roles: object | None = None
+    seconds: float = 0.0
+    images: int = 0
+    _uncond: object = field(default=None, repr=False)
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
+    @property
+    def guidance(self) -> float:
+        return self.spec.guidance
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        fam = self.bundle.family
+        if self.spec.guidance > 1.0 and self._uncond is None:
+            self._uncond = fam.encode_prompts(self.bundle, [""])
+        ctx = self.roles.role("gen") if self.roles is not None else nullcontext(self.bundle.network)
+        t0 = time.perf_counter()
+        with ctx as net:
+            imgs = generate(self.bundle, net, self.spec, prompts, seeds, self.resolution, self._uncond)
+        self.seconds += time.perf_counter() - t0
+        self.images += len(prompts)
+        return imgs
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.images if self.images else float("nan")
+
+    def describe(self) -> dict:
+        return {"label": self.label, "model": self.bundle.source, "family": self.bundle.family.name,
+                "steps": self.steps, "guidance": self.guidance, "mode": self.spec.mode,
+                "grid": [round(t, 6) for t in self.spec.grid]}
+
+
+def student_of_run(cfg, run_dir: Path, step: int | None = None) -> ImageGenerator:
+    """The student (gen adapter) of a dmdr run on its training grid, guidance-free."""
+    from dmdr_cli.engine.checkpoint import latest
+    from dmdr_cli.engine.student import load_student
+
+    ckpt = latest(run_dir, step)
+    bundle, roles, _ = load_student(cfg, ckpt)
+    spec = student_spec(bundle.family, cfg.student)
+    return ImageGenerator(f"student {cfg.student.steps}-step ({Path(run_dir).name}@{ckpt.name})", bundle, spec,
+                          cfg.model.resolution, roles=roles)
+
+
+def teacher_of(cfg, bundle=None) -> ImageGenerator:
+    """The base model with its own multi-step sampler and CFG (``teacher.steps``, ``teacher.guidance``)."""
+    from dmdr_cli.families.loading import load_base
+
+    bundle = bundle or load_base(cfg)
+    spec = teacher_spec(bundle.family, cfg.teacher.steps, cfg.teacher.guidance)
+    return ImageGenerator(f"teacher {cfg.teacher.steps}-step CFG {cfg.teacher.guidance:g}", bundle, spec,
+                          cfg.model.resolution)
+
+
+def few_step_of(cfg, steps: int) -> ImageGenerator:
+    """A diffusers folder (e.g. a merged export) sampled on the training-consistent few-step grid."""
+    from dmdr_cli.families.loading import load_base
+
+    bundle = load_base(cfg)
+    spec = student_spec(bundle.family, cfg.student, steps)
+    return ImageGenerator(f"{steps}-step ({bundle.source})", bundle, spec, cfg.model.resolution)

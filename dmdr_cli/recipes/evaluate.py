@@ -1,0 +1,318 @@
+"""``dmdr eval``: benchmark one model, or a student against its teacher, and write a report.
+
+    dmdr eval --bench geneval --ckpt runs/sd3m --detector hf-m2f --detector-path DIR --clip-path DIR
+    dmdr eval --bench geneval --images DIR --detector fixture          # score an existing folder
+    dmdr eval --bench rewards --ckpt runs/sd3m --prompts drawbench --reward clip=DIR --reward hps-v2.1=FILE
+    dmdr eval --bench fid --ckpt runs/sd3m --ref DIR|STATS.npz --inception-weights FILE
+    dmdr eval --bench dpg --ckpt runs/sd3m --questions dpg_bench.csv --vqa blip-vqa --vqa-path DIR
+
+Steps:
+1. Build the models under test (``ImageGenerator``s): the run's student and, with ``--compare``, the teacher
+   with its own steps and CFG, on the same prompts and seeds.
+2. Generate each benchmark's images in its canonical layout under ``OUT/<model>/images`` (timed).
+3. Score them (GenEval rule engine + detector backend, reward models on the saved PNGs, torch-fidelity,
+   DPG-Bench VQA) into ``results.jsonl`` and ``summary.json`` per model.
+4. Write ``OUT/eval.json`` (all numbers, config, backends, versions) and ``OUT/report.md`` with the
+   side-by-side table (incl. seconds per image and speedup) and teacher-vs-student sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dmdr_cli.errors import InputError
+from dmdr_cli.io import atomic_write_text
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class EvalRequest:
+    bench: str
+    out_dir: Path
+    images: Path | None = None
+    metadata: str | None = None
+    prompts: str | None = None
+    detector: str = "fixture"
+    detector_path: str = ""
+    clip_path: str = ""
+    options: dict = field(default_factory=dict)
+    rewards: list = field(default_factory=list)          # [(name, path)]
+    max_prompts: int = 0
+    images_per_prompt: int = 4
+    seed: int = 42
+    batch_size: int = 4
+    options_meta: dict = field(default_factory=dict)
+    ref: str | None = None
+    inception_weights: str | None = None
+    feature_extractor: str = "inception-v3-compat"
+    fid_metrics: tuple = ("fid",)
+    questions: str | None = None
+    vqa: str = "blip-vqa"
+    vqa_path: str = ""
+    dpg_fix: bool = False
+    allow_missing: bool = False
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _limit(items: list, n: int) -> list:
+    return items[:n] if n and n > 0 else items
+
+
+# -- GenEval -------------------------------------------------------------------------------------------------
+def geneval_metadata(req: EvalRequest) -> list[dict]:
+    """The prompt metadata: the pinned official file (sha256-checked), or an explicit ``--metadata`` file (a
+    subset or another world in GenEval's schema), whose hash is recorded and which is never canonical."""
+    from dmdr_cli.evaluation.benchfiles import bench_file_spec, load_geneval_metadata, resolve_bench_file, sha256_file
+
+    path = resolve_bench_file("geneval", "evaluation_metadata.jsonl", req.metadata, verify=req.metadata is None)
+    digest = sha256_file(path)
+    req.options_meta = {"metadata_file": str(path), "metadata_sha256": digest,
+                        "official_metadata": digest == bench_file_spec("geneval", "evaluation_metadata.jsonl").sha256}
+    return _limit(load_geneval_metadata(path), req.max_prompts)
+
+
+def generate_geneval(gen, metadata: list[dict], root: Path, req: EvalRequest, progress: Progress | None) -> None:
+    """GenEval layout: ``root/<index:05d>/metadata.jsonl`` + ``samples/0000.png..``; seeds ``seed + j`` per prompt."""
+    from dmdr_cli.engine.images import to_pil
+    from dmdr_cli.evaluation.geneval import write_prompt_folder
+
+    k = req.images_per_prompt
+    for idx, md in enumerate(metadata):
+        imgs = gen([md["prompt"]] * k, [req.seed + j for j in range(k)])
+        write_prompt_folder(root, idx, md, [to_pil(i) for i in imgs])
+        if progress:
+            progress(idx + 1, len(metadata))
+
+
+def score_geneval(root: Path, out: Path, req: EvalRequest, detector, progress: Progress | None) -> dict:
+    from PIL import Image, ImageOps
+
+    from dmdr_cli.evaluation.geneval import evaluate_detections, filter_detections, iter_image_folder, results_row, summarize
+
+    opts = {"threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "position_threshold": 0.1,
+            "max_overlap": 1.0, **req.options}
+    folders = list(iter_image_folder(root))
+    if not folders:
+        raise InputError(f"{root} holds no GenEval prompt folders (00000/metadata.jsonl + samples/*.png)",
+                         "point --images at a folder in GenEval's layout")
+    rows = []
+    for n, (_idx, md, paths) in enumerate(folders):
+        for path in paths:
+            image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            dets, color_of = detector(path, image)
+            ok, reason = evaluate_detections(md, dets, color_of=color_of, **opts)
+            kept = filter_detections(dets, md["tag"], threshold=opts["threshold"],
+                                     counting_threshold=opts["counting_threshold"], max_objects=opts["max_objects"],
+                                     max_overlap=opts["max_overlap"])
+            rows.append(results_row(str(path.relative_to(root)), md, ok, reason, kept, detector.id, detector.color_model))
+        if progress:
+            progress(n + 1, len(folders))
+    summary = summarize(rows)
+    official = req.options_meta.get("official_metadata", False) and not req.max_prompts
+    summary.update({"bench": "geneval", "detector": detector.id, "color_model": detector.color_model,
+                    "options": opts, **req.options_meta,
+                    "canonical": detector.id.startswith("mmdet-m2f") and official and opts["max_overlap"] == 1.0})
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "results.jsonl", rows)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# -- reward metrics ------------------------------------------------------------------------------------------
+REWARD_SCALE = {"clip": 100.0, "hps-v2": 100.0, "hps-v2.1": 100.0, "dfn5b-clip": 100.0}
+
+
+def reward_prompts(req: EvalRequest) -> list[str]:
+    from dmdr_cli.evaluation.benchfiles import load_prompt_list, resolve_bench_file
+
+    spec = req.prompts or "drawbench"
+    if spec == "drawbench":
+        path = resolve_bench_file("drawbench", "prompts.txt")
+    elif spec == "geneval":
+        return [m["prompt"] for m in geneval_metadata(req)]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(f"--prompts {spec}: no such file", "pass drawbench, geneval or a .txt/.jsonl file")
+    prompts = [p.prompt for p in load_prompt_list(path)]
+    if not prompts:
+        raise InputError(f"{path} has no prompts", "one prompt per line (.txt) or a 'prompt' field per line (.jsonl)")
+    return _limit(prompts, req.max_prompts)
+
+
+def generate_flat(gen, prompts: list[str], root: Path, req: EvalRequest, progress: Progress | None) -> list[Path]:
+    """One image per prompt with the fixed per-prompt seed ``seed + i``: ``root/<i:05d>.png``."""
+    from dmdr_cli.engine.images import save_png
+
+    paths = []
+    for start in range(0, len(prompts), req.batch_size):
+        chunk = prompts[start:start + req.batch_size]
+        imgs = gen(chunk, [req.seed + start + i for i in range(len(chunk))])
+        for i, img in enumerate(imgs):
+            paths.append(save_png(img, root / f"{start + i:05d}.png"))
+        if progress:
+            progress(len(paths), len(prompts))
+    return paths
+
+
+def score_rewards(paths: list[Path], prompts: list[str], rewards: list, out: Path) -> dict:
+    """Mean of each reward on the saved PNGs (EVALUATION.md 3: scores come from the files people keep)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rows = [{"id": i, "prompt": p, "file": path.name} for i, (p, path) in enumerate(zip(prompts, paths))]
+    means = {}
+    for name, reward in rewards:
+        scores = []
+        for start in range(0, len(paths), 8):
+            batch = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths[start:start + 8]]
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                scores += [float(s) for s in reward(x, prompts[start:start + 8])]
+        for row, s in zip(rows, scores):
+            row[name] = s
+        scale = REWARD_SCALE.get(name, 1.0)
+        means[name] = {"mean": float(np.mean(scores)) * scale, "scale": scale, "model": reward.name}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "results.jsonl", rows)
+    summary = {"bench": "rewards", "n_images": len(paths), "metrics": means, "preprocess": "torch", "canonical": False}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# -- the workflow ----------------------------------------------------------------------------------------------
+def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str, int], object]) -> dict:
+    """Evaluate every generator (``{"student": g, "teacher": g}``) or just ``req.images``; returns eval.json's dict."""
+    from dmdr_cli.evaluation import report
+
+    out = req.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    samples: dict = {}
+    if req.bench == "geneval":
+        from dmdr_cli.evaluation.detectors import build_detector
+
+        detector = build_detector(req.detector, path=req.detector_path, clip_path=req.clip_path)
+        if req.images is not None:
+            with progress_factory("scoring", 0) as up:
+                results["images"] = score_geneval(req.images, out / "images", req, detector, up)
+        else:
+            metadata = geneval_metadata(req)
+            for name, gen in generators.items():
+                root = out / name / "images"
+                with progress_factory(f"generating ({name})", len(metadata)) as up:
+                    generate_geneval(gen, metadata, root, req, up)
+                with progress_factory(f"scoring ({name})", len(metadata)) as up:
+                    results[name] = score_geneval(root, out / name, req, detector, up)
+                samples[name] = [root / f"{i:05d}" / "samples" / "0000.png" for i in range(min(8, len(metadata)))]
+                samples.setdefault("_prompts", [m["prompt"] for m in metadata[:8]])
+    elif req.bench == "rewards":
+        from dmdr_cli.rewards.registry import build_reward
+
+        if not req.rewards:
+            raise InputError("--bench rewards needs at least one --reward NAME[=PATH]", "e.g. --reward clip=/models/clip-vit-large-patch14")
+        rewards = [(name, build_reward(name, path=path)) for name, path in req.rewards]
+        prompts = reward_prompts(req)
+        for name, gen in generators.items():
+            with progress_factory(f"generating ({name})", len(prompts)) as up:
+                paths = generate_flat(gen, prompts, out / name / "images", req, up)
+            results[name] = score_rewards(paths, prompts, rewards, out / name)
+            samples[name] = paths[:8]
+            samples.setdefault("_prompts", prompts[:8])
+    elif req.bench in ("fid", "kid"):
+        from dmdr_cli.evaluation.fidelity import compute_fidelity
+
+        if not req.ref:
+            raise InputError(f"--bench {req.bench} needs --ref DIR|STATS.npz", "a folder of reference images or precomputed statistics")
+        metrics = ("fid",) if req.bench == "fid" else ("kid",)
+        metrics = tuple(dict.fromkeys(metrics + tuple(req.fid_metrics)))
+        targets = {"images": req.images} if req.images is not None else {}
+        prompts = reward_prompts(req) if req.images is None else []
+        for name, gen in generators.items():
+            with progress_factory(f"generating ({name})", len(prompts)) as up:
+                paths = generate_flat(gen, prompts, out / name / "images", req, up)
+            targets[name] = out / name / "images"
+            samples[name] = paths[:8]
+            samples.setdefault("_prompts", prompts[:8])
+        for name, folder in targets.items():
+            res = compute_fidelity(folder, req.ref, metrics=metrics, feature_extractor=req.feature_extractor,
+                                   weights_path=req.inception_weights)
+            res["bench"] = req.bench
+            (out / name).mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / name / "summary.json", json.dumps(res, indent=2, default=str))
+            results[name] = res
+    elif req.bench == "dpg":
+        results, samples = _run_dpg(req, generators, progress_factory)
+    else:
+        raise InputError(f"unknown bench '{req.bench}'", "choose geneval, rewards, fid, kid or dpg")
+    timing = {name: {"seconds_per_image": g.seconds_per_image, **g.describe()} for name, g in generators.items()}
+    data = {"bench": req.bench, "results": results, "models": timing, "config": _config_dict(cfg),
+            "versions": _versions(), "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(req).items()
+                                                 if k != "rewards"} | {"rewards": [n for n, _ in req.rewards]}}
+    if "teacher" in timing and "student" in timing:
+        data["speedup"] = timing["teacher"]["seconds_per_image"] / timing["student"]["seconds_per_image"]
+    atomic_write_text(out / "eval.json", json.dumps(data, indent=2, default=str))
+    report.write(out, data, samples)
+    return data
+
+
+def _run_dpg(req: EvalRequest, generators: dict, progress_factory):
+    from dmdr_cli.engine.images import to_pil
+    from dmdr_cli.evaluation import dpg
+    from dmdr_cli.evaluation.benchfiles import load_prompt_list, resolve_bench_file
+
+    questions = dpg.load_questions(req.questions)
+    vqa = dpg.build_vqa(req.vqa, req.vqa_path)
+    targets = {"images": req.images} if req.images is not None else {}
+    prompts = _limit(load_prompt_list(resolve_bench_file("dpg_bench", "prompts.jsonl", req.prompts)), req.max_prompts)
+    samples: dict = {}
+    for name, gen in generators.items():
+        root = req.out_dir / name / "images"
+        with progress_factory(f"generating ({name})", len(prompts)) as up:
+            for i, p in enumerate(prompts):
+                imgs = gen([p.prompt] * 4, [req.seed + j for j in range(4)])
+                from dmdr_cli.engine.images import save_png
+
+                save_png(dpg.tile_2x2([to_pil(x) for x in imgs]), root / f"{p.id}.png")
+                up(i + 1, len(prompts))
+        targets[name] = root
+        samples[name] = [root / f"{p.id}.png" for p in prompts[:8]]
+        samples.setdefault("_prompts", [p.prompt for p in prompts[:8]])
+    results = {}
+    for name, root in targets.items():
+        res = dpg.score_folder(root, questions, vqa, resolution=None, compat=not req.dpg_fix, allow_missing=req.allow_missing)
+        rows = res.pop("rows", [])
+        out = req.out_dir / name
+        out.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(out / "results.jsonl", rows)
+        res.update({"bench": "dpg", "vqa_backend": getattr(vqa, "id", req.vqa)})
+        atomic_write_text(out / "summary.json", json.dumps(res, indent=2, default=str))
+        results[name] = res
+    return results, samples
+
+
+def _config_dict(cfg) -> dict:
+    from dmdr_cli.config.loader import to_dict
+
+    return to_dict(cfg) if cfg is not None else {}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("dmdr", "torch", "diffusers", "transformers", "peft", "torch-fidelity"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,156 @@
+"""End-to-end tests of ``dmdr eval`` on the tiny models with offline backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dmdr_cli.app import app
+from dmdr_cli.evaluation.geneval import write_prompt_folder
+
+runner = CliRunner()
+
+METADATA = [
+    {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+     "prompt": "a photo of two cats"},
+    {"tag": "position", "include": [{"class": "bench", "count": 1},
+                                    {"class": "dog", "count": 1, "position": ["left of", 0]}],
+     "prompt": "a photo of a dog left of a bench"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+]
+
+# Per prompt, per image: the detections of the fixture side files (class, box, score[, color]).
+DETS = {
+    0: [[("dog", [5, 5, 30, 30], 0.9)], [], [("dog", [5, 5, 30, 30], 0.31)], [("dog", [5, 5, 30, 30], 0.3)]],
+    1: [[("cat", [0, 0, 10, 10], 0.95), ("cat", [20, 20, 30, 30], 0.92)],                       # 2 cats: ok
+        [("cat", [0, 0, 10, 10], 0.95), ("cat", [20, 20, 30, 30], 0.85)],                       # 0.85 < 0.9: one cat
+        [("cat", [0, 0, 10, 10], 0.95), ("cat", [20, 20, 30, 30], 0.92), ("cat", [40, 40, 50, 50], 0.91)],  # 3: excluded
+        [("cat", [0, 0, 10, 10], 0.99), ("cat", [20, 20, 30, 30], 0.99)]],                      # ok
+    2: [[("bench", [40, 20, 60, 40], 0.9), ("dog", [0, 20, 20, 40], 0.9)],                      # left of: ok
+        [("bench", [0, 20, 20, 40], 0.9), ("dog", [40, 20, 60, 40], 0.9)],                      # right of: wrong
+        [("bench", [20, 20, 40, 40], 0.9), ("dog", [21, 20, 41, 40], 0.9)],                     # overlap: no relation
+        [("dog", [0, 20, 20, 40], 0.9)]],                                                       # no bench
+    3: [[("car", [0, 0, 20, 20], 0.9, "red")], [("car", [0, 0, 20, 20], 0.9, "blue")],
+        [("car", [0, 0, 20, 20], 0.9, "red")], [("car", [0, 0, 20, 20], 0.9, "red")]],
+}
+# Hand-computed: single_object 2/4 (0.31 > 0.3 counts, exactly 0.3 does not), counting 2/4,
+# position 1/4, colors 3/4 -> overall = mean(0.5, 0.5, 0.25, 0.75) = 0.5; images 8/16 = 0.5;
+# prompts with any correct image: 4/4.
+EXPECTED = {"single_object": 0.5, "counting": 0.5, "position": 0.25, "colors": 0.75}
+
+
+def _fixture_folder(root: Path) -> None:
+    for idx, md in enumerate(METADATA):
+        images = [Image.new("RGB", (64, 64), (40 * j, 0, 0)) for j in range(4)]
+        folder = write_prompt_folder(root, idx, md, images)
+        for j, dets in enumerate(DETS[idx]):
+            items = [{"class": d[0], "box": d[1], "score": d[2], **({"color": d[3]} if len(d) > 3 else {})} for d in dets]
+            (folder / "samples" / f"{j:04d}.png.json").write_text(json.dumps({"detections": items}))
+
+
+def test_geneval_on_existing_folder_reproduces_hand_computed_scores(tmp_path):
+    images = tmp_path / "images"
+    _fixture_folder(images)
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(m) + "\n" for m in METADATA))
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["eval", "--bench", "geneval", "--images", str(images), "--detector", "fixture",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "images" / "summary.json").read_text())
+    for tag, acc in EXPECTED.items():
+        assert summary["tasks"][tag]["accuracy"] == pytest.approx(acc)
+    assert summary["overall"] == pytest.approx(0.5)
+    assert summary["% correct images"] == pytest.approx(0.5)
+    assert summary["% correct prompts"] == pytest.approx(1.0)
+    assert summary["detector"] == "fixture" and summary["canonical"] is False
+    rows = [json.loads(line) for line in (out / "images" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    assert list(rows[0])[:8] == ["filename", "tag", "prompt", "correct", "reason", "metadata", "details", "detector"]
+    assert all(r["detector"] == "fixture" for r in rows)
+    data = json.loads((out / "eval.json").read_text())
+    assert data["results"]["images"]["overall"] == pytest.approx(0.5)
+    assert "GenEval overall" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_sd3_dir):
+    run = tmp_path_factory.mktemp("evalrun") / "run"
+    res = runner.invoke(app, ["distill", "--base", "tiny-sd3", "--max-steps", "1", "--out", str(run),
+                              "--set", "distill.sample_every=0"])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_geneval_generation_layout_and_scoring(tiny_run, tmp_path):
+    from dmdr_cli.evaluation.detectors import DETECTORS, register_detector
+
+    class Nothing:
+        id, color_model = "nothing", "none"
+
+        def __call__(self, path, image):
+            assert image.size == (64, 64)
+            return {}, None
+
+    register_detector("nothing", lambda path, clip, device: Nothing())
+    try:
+        meta = tmp_path / "meta.jsonl"
+        meta.write_text("".join(json.dumps(m) + "\n" for m in METADATA[:2]))
+        out = tmp_path / "ev"
+        res = runner.invoke(app, ["eval", "--bench", "geneval", "--ckpt", str(tiny_run), "--metadata", str(meta),
+                                  "--detector", "nothing", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    finally:
+        DETECTORS.pop("nothing")
+    root = out / "student" / "images"
+    assert sorted(p.name for p in root.iterdir()) == ["00000", "00001"]
+    assert json.loads((root / "00001" / "metadata.jsonl").read_text()) == METADATA[1]
+    assert sorted(p.name for p in (root / "00000" / "samples").iterdir()) == [f"{j:04d}.png" for j in range(4)]
+    summary = json.loads((out / "student" / "summary.json").read_text())
+    assert summary["overall"] == 0.0 and summary["n_images"] == 8
+    data = json.loads((out / "eval.json").read_text())
+    assert data["models"]["student"]["steps"] == 4 and data["models"]["student"]["guidance"] == 1.0
+
+
+def test_rewards_compare_teacher_writes_table_speedup_and_grids(tiny_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--bench", "rewards", "--ckpt", str(tiny_run), "--compare", "teacher",
+                              "--prompts", str(prompts), "--reward", "color,brightness", "--out", str(out),
+                              "--set", "teacher.steps=8"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data["results"]) == {"student", "teacher"}
+    assert data["models"]["teacher"]["steps"] == 8 and data["models"]["student"]["steps"] == 4
+    assert data["speedup"] > 0
+    for name in ("student", "teacher"):
+        rows = [json.loads(x) for x in (out / name / "results.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
+        mean = sum(r["brightness"] for r in rows) / 2
+        assert data["results"][name]["metrics"]["brightness"]["mean"] == pytest.approx(mean)
+    report = (out / "report.md").read_text()
+    assert "Speed-up" in report and "compare.png" in report
+    assert Image.open(out / "compare.png").size[0] > 2 * 64
+
+
+def test_eval_bad_inputs_are_one_line_errors(tmp_path, tiny_run):
+    cases = [
+        ["eval", "--bench", "geneval", "--images", str(tmp_path), "--detector", "fixture"],      # empty folder
+        ["eval", "--bench", "geneval", "--images", str(tmp_path), "--detector", "fixtur"],       # did-you-mean
+        ["eval", "--bench", "geneval", "--ckpt", str(tiny_run), "--metadata", str(tmp_path / "none.jsonl"),
+         "--detector", "fixture"],
+        ["eval", "--bench", "rewards", "--ckpt", str(tiny_run)],                                  # no reward
+        ["eval", "--bench", "nope"],
+    ]
+    for args in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "Traceback" not in res.output
+    res = runner.invoke(app, cases[1])
+    assert "Did you mean 'fixture'" in res.output
