@@ -23,20 +23,11 @@ import torch
 from typer.testing import CliRunner
 
 from dmdr_cli.app import app
-from dmdr_cli.engine.checkpoint import CKPT_RE, checkpoint_dirs, load_extras, load_groups, read_state
+from dmdr_cli.engine.checkpoint import checkpoint_dirs, load_extras, load_groups, read_state
 from dmdr_cli.engine.metrics import read_metrics
 
 RUN_FILES = {"gen.safetensors", "guide.safetensors", "optimizer.pt", "rng.pt", "state.json"}
 VOLATILE = {"time", "time/step_s", "mem/peak_mb"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks run much faster on one thread (and identically in every run of this module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dmdr(*args) -> "object":

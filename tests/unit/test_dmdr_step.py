@@ -30,13 +30,6 @@ PROMPTS = ["a red circle", "two blue squares"]
 DEAD = "transformer_blocks.1.attn.add_q_proj."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def clone(g: torch.Generator) -> torch.Generator:
     g2 = torch.Generator()

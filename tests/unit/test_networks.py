@@ -18,14 +18,6 @@ PROMPTS = ["a red circle", "two blue squares"]
 ROLE_STATES = [("gen", None), ("fake", None), ("real", 0.5), ("real", 0.0), ("teacher", None)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run ~10x faster on one thread (and are not disturbed by parallel jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _setup(*sets: str):
     cfg = resolve("tiny-sd3", sets=list(sets))
