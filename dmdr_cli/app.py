@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from dmdr_cli import __version__
-from dmdr_cli.commands import evaluate, export, presets, sample, training
+from dmdr_cli.commands import data, evaluate, export, presets, sample, training
 
 app = typer.Typer(
     name="dmdr",
@@ -27,6 +27,7 @@ app.command("sample")(sample.sample)
 app.command("eval")(evaluate.evaluate)
 app.command("export")(export.export)
 app.add_typer(presets.app, name="presets")
+app.add_typer(data.app, name="data")
 
 
 def _version(value: bool) -> None:

@@ -37,6 +37,7 @@ def evaluate(
     vqa_path: Annotated[str, typer.Option("--vqa-path", help="dpg: local VQA model folder.")] = "",
     dpg_fix: Annotated[bool, typer.Option("--dpg-fix", help="dpg: correct the upstream scoring quirks.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="dpg: tolerate images that cannot be scored.")] = False,
+    dpg_resolution: Annotated[Optional[int], typer.Option("--dpg-resolution", help="dpg: tile size R of the 2Rx2R images (default model.resolution).")] = None,
 ) -> None:
     """Evaluate a student (optionally against its teacher) or an image folder; writes eval.json and report.md."""
     from dmdr_cli.config.loader import coerce
@@ -75,7 +76,8 @@ def evaluate(
                       rewards=rewards, max_prompts=cfg.eval.max_prompts if max_prompts is None else max_prompts,
                       images_per_prompt=cfg.eval.images_per_prompt, seed=cfg.eval.seed, ref=ref,
                       inception_weights=inception_weights, feature_extractor=feature_extractor,
-                      questions=questions, vqa=vqa, vqa_path=vqa_path, dpg_fix=dpg_fix, allow_missing=allow_missing)
+                      questions=questions, vqa=vqa, vqa_path=vqa_path, dpg_fix=dpg_fix, allow_missing=allow_missing,
+                      tile_resolution=dpg_resolution or cfg.model.resolution)
     generators = {} if images is not None else _generators(cfg, ckpt, is_run, step, compare)
     data = run(cfg, req, generators, console.progress)
     _print_summary(data)

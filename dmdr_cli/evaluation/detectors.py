@@ -74,7 +74,7 @@ def register_detector(name: str, factory) -> None:
 
 def build_detector(name: str, *, path: str = "", clip_path: str = "", device="cpu") -> Detector:
     if name == "hf-m2f" and name not in DETECTORS:
-        from dmdr_cli.evaluation import hf_m2f  # noqa: F401  (registers itself)
+        import dmdr_cli.evaluation.hf_m2f  # noqa: F401  (importing it registers the backend)
     if name not in DETECTORS:
         raise ConfigError(f"unknown GenEval detector '{name}'.{did_you_mean(name, DETECTORS)}",
                           f"available: {', '.join(sorted(set(DETECTORS) | {'hf-m2f'}))}; the canonical mmdet backend "

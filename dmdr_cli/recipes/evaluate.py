@@ -56,6 +56,7 @@ class EvalRequest:
     vqa_path: str = ""
     dpg_fix: bool = False
     allow_missing: bool = False
+    tile_resolution: int = 512            # dpg: size R of each tile of the 2x2 images
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -266,22 +267,22 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
 
 
 def _run_dpg(req: EvalRequest, generators: dict, progress_factory):
-    from dmdr_cli.engine.images import to_pil
+    from dmdr_cli.engine.images import save_png, to_pil
     from dmdr_cli.evaluation import dpg
-    from dmdr_cli.evaluation.benchfiles import load_prompt_list, resolve_bench_file
+    from dmdr_cli.evaluation.benchfiles import bench_file_spec, load_prompt_list, resolve_bench_file, sha256_file
 
     questions = dpg.load_questions(req.questions)
     vqa = dpg.build_vqa(req.vqa, req.vqa_path)
     targets = {"images": req.images} if req.images is not None else {}
-    prompts = _limit(load_prompt_list(resolve_bench_file("dpg_bench", "prompts.jsonl", req.prompts)), req.max_prompts)
+    prompt_file = resolve_bench_file("dpg_bench", "prompts.jsonl", req.prompts, verify=req.prompts is None)
+    official = sha256_file(prompt_file) == bench_file_spec("dpg_bench", "prompts.jsonl").sha256 and not req.max_prompts
+    prompts = _limit(load_prompt_list(prompt_file), req.max_prompts)
     samples: dict = {}
     for name, gen in generators.items():
         root = req.out_dir / name / "images"
         with progress_factory(f"generating ({name})", len(prompts)) as up:
             for i, p in enumerate(prompts):
                 imgs = gen([p.prompt] * 4, [req.seed + j for j in range(4)])
-                from dmdr_cli.engine.images import save_png
-
                 save_png(dpg.tile_2x2([to_pil(x) for x in imgs]), root / f"{p.id}.png")
                 up(i + 1, len(prompts))
         targets[name] = root
@@ -289,12 +290,15 @@ def _run_dpg(req: EvalRequest, generators: dict, progress_factory):
         samples.setdefault("_prompts", [p.prompt for p in prompts[:8]])
     results = {}
     for name, root in targets.items():
-        res = dpg.score_folder(root, questions, vqa, resolution=None, compat=not req.dpg_fix, allow_missing=req.allow_missing)
+        res = dpg.score_folder(root, questions, vqa, req.tile_resolution, compat=not req.dpg_fix,
+                               allow_missing=req.allow_missing)
         rows = res.pop("rows", [])
         out = req.out_dir / name
         out.mkdir(parents=True, exist_ok=True)
         _write_jsonl(out / "results.jsonl", rows)
-        res.update({"bench": "dpg", "vqa_backend": getattr(vqa, "id", req.vqa)})
+        res.update({"bench": "dpg", "vqa_backend": vqa.label, "csv_sha256": sha256_file(req.questions),
+                    "prompts_file": str(prompt_file), "official_prompts": official,
+                    "canonical": bool(vqa.canonical and not req.dpg_fix and official)})
         atomic_write_text(out / "summary.json", json.dumps(res, indent=2, default=str))
         results[name] = res
     return results, samples

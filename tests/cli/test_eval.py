@@ -154,3 +154,36 @@ def test_eval_bad_inputs_are_one_line_errors(tmp_path, tiny_run):
         assert "Traceback" not in res.output
     res = runner.invoke(app, cases[1])
     assert "Did you mean 'fixture'" in res.output
+
+
+def test_dpg_generation_tiling_and_scoring(tiny_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "alpha", "prompt": "a red circle"}\n{"id": "beta", "prompt": "two blue squares"}\n')
+    csv = tmp_path / "dpg_bench.csv"
+    header = "item_id,text,keywords,proposition_id,dependency,category_broad,category_detailed,tuple,question_natural_language\n"
+    rows = []
+    for item in ("alpha", "beta"):
+        rows.append(f'{item},t,k,1,0,entity,whole,entity - whole (thing),Is there a thing?')
+        rows.append(f'{item},t,k,2,1,attribute,color,attribute - color (thing),Is the thing coloured?')
+    csv.write_text(header + "\n".join(rows) + "\n")
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--bench", "dpg", "--ckpt", str(tiny_run), "--prompts", str(prompts),
+                              "--questions", str(csv), "--vqa", "scripted", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for item in ("alpha", "beta"):
+        assert Image.open(out / "student" / "images" / f"{item}.png").size == (128, 128)  # 2x2 tiles of 64 px
+    summary = json.loads((out / "student" / "summary.json").read_text())
+    assert summary["dpg_score"] == pytest.approx(100.0)  # scripted VQA answers "yes" to everything
+    # upstream quirk 1 (compat mode): CSV row 0 (alpha, question 1) is skipped; alpha's question 2 names it as
+    # parent, so alpha's image is dropped from the mean, exactly as ELLA's script does
+    assert summary["n_images"] == 1 and summary["compat_mode"] is True and summary["canonical"] is False
+    assert [s["id"] for s in summary["skipped_images"]] == ["alpha"] and summary["skipped_images"][0]["quirk"]
+    assert len(summary["csv_sha256"]) == 64
+    fixed = tmp_path / "fixed"
+    res = runner.invoke(app, ["eval", "--bench", "dpg", "--ckpt", str(tiny_run), "--prompts", str(prompts),
+                              "--questions", str(csv), "--vqa", "scripted", "--dpg-fix", "--out", str(fixed)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((fixed / "student" / "summary.json").read_text())["n_images"] == 2
+    res = runner.invoke(app, ["eval", "--bench", "dpg", "--ckpt", str(tiny_run), "--prompts", str(prompts),
+                              "--questions", str(tmp_path / "missing.csv"), "--vqa", "scripted", "--out", str(out)])
+    assert res.exit_code == 2 and "dpg_bench.csv" in res.output
