@@ -234,6 +234,10 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
 
         if not req.ref:
             raise InputError(f"--bench {req.bench} needs --ref DIR|STATS.npz", "a folder of reference images or precomputed statistics")
+        if req.feature_extractor.startswith("inception"):
+            from dmdr_cli.evaluation.fidelity import resolve_inception_weights
+
+            resolve_inception_weights(req.inception_weights)  # fail before spending time on generation
         metrics = ("fid",) if req.bench == "fid" else ("kid",)
         metrics = tuple(dict.fromkeys(metrics + tuple(req.fid_metrics)))
         targets = {"images": req.images} if req.images is not None else {}

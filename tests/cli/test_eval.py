@@ -187,3 +187,25 @@ def test_dpg_generation_tiling_and_scoring(tiny_run, tmp_path):
     res = runner.invoke(app, ["eval", "--bench", "dpg", "--ckpt", str(tiny_run), "--prompts", str(prompts),
                               "--questions", str(tmp_path / "missing.csv"), "--vqa", "scripted", "--out", str(out)])
     assert res.exit_code == 2 and "dpg_bench.csv" in res.output
+
+
+def test_fid_between_generated_images_and_a_reference_folder(tiny_run, tmp_path):
+    from tests.unit.test_fidelity import EXTRACTOR, ProjExtractor, _noise
+
+    from dmdr_cli.evaluation.fidelity import register_extractor
+
+    register_extractor(EXTRACTOR, ProjExtractor)
+    ref = _noise(tmp_path / "ref", 12, seed=3, size=64)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--bench", "fid", "--ckpt", str(tiny_run), "--prompts", str(prompts),
+                              "--ref", str(ref), "--feature-extractor", EXTRACTOR, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "student" / "summary.json").read_text())
+    assert summary["fid"] > 0 and summary["n1"] == 6 and summary["n2"] == 12
+    assert summary["feature_extractor"] == EXTRACTOR
+    assert "fid" in (out / "report.md").read_text()
+    res = runner.invoke(app, ["eval", "--bench", "fid", "--ckpt", str(tiny_run), "--prompts", str(prompts),
+                              "--ref", str(ref), "--out", str(tmp_path / "ev2")])   # Inception without weights
+    assert res.exit_code == 2 and "weights-inception-2015-12-05-6726825d.pth" in res.output
