@@ -82,3 +82,11 @@ def tiny_sdxl_dir(dmdr_home):
     from dmdr_cli.families.tiny import ensure_tiny
 
     return ensure_tiny("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + tokenizer folder (``dmdr_cli.families.tiny.save_tiny_clip``)."""
+    from dmdr_cli.families.tiny import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

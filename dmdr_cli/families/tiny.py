@@ -123,6 +123,28 @@ def build_sdxl(folder: Path, seed: int = 0) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random transformers ``CLIPModel`` (hidden 32, 1 layer, projection 16, 32x32 images) and its byte-level
+    tokenizer, saved like a hub snapshot: the stand-in for CLIP-family scorers and colour classifiers in tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = clip_tokenizer()
+    v = len(tok)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=v - 2, eos_token_id=v - 1,
+                         pad_token_id=v - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
 _BUILDERS = {"sd3": build_sd3, "sdxl": build_sdxl}
 
 

@@ -74,27 +74,8 @@ def m2f_dir(tmp_path_factory, hf_id2label) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny CLIPModel (32×32 images, projection 16) + byte-level CLIPTokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from dmdr_cli.families.tiny import clip_tokenizer
-
-    tok = clip_tokenizer()
-    v = len(tok)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=v - 2, eos_token_id=v - 1,
-                         pad_token_id=v - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def clip_dir(tiny_clip_dir) -> Path:
+    return tiny_clip_dir
 
 
 @pytest.fixture(scope="module")

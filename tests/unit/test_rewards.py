@@ -49,28 +49,6 @@ def _isolated_assets(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    """A tiny transformers ``CLIPModel`` (hidden 32, 1 layer, projection 16, 32×32 images) + tokenizer folder."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from dmdr_cli.families.tiny import clip_tokenizer
-
-    tok = clip_tokenizer()
-    v = len(tok)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=v - 2, eos_token_id=v - 1,
-                         pad_token_id=v - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
