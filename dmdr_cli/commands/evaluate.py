@@ -32,6 +32,7 @@ def evaluate(
     ref: Annotated[Optional[str], typer.Option("--ref", help="fid/kid: reference image folder or statistics .npz.")] = None,
     inception_weights: Annotated[Optional[str], typer.Option("--inception-weights", help="fid/kid: local Inception weights file.")] = None,
     feature_extractor: Annotated[str, typer.Option("--feature-extractor", help="fid/kid: torch-fidelity feature extractor.")] = "inception-v3-compat",
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="fid/kid: extra torch-fidelity metrics, comma-separated: fid,kid,isc,prc.")] = None,
     questions: Annotated[Optional[str], typer.Option("--questions", help="dpg: the user-supplied dpg_bench.csv.")] = None,
     vqa: Annotated[str, typer.Option("--vqa", help="dpg: VQA backend (blip-vqa | modelscope-mplug | scripted).")] = "blip-vqa",
     vqa_path: Annotated[str, typer.Option("--vqa-path", help="dpg: local VQA model folder.")] = "",
@@ -76,6 +77,8 @@ def evaluate(
                       rewards=rewards, max_prompts=cfg.eval.max_prompts if max_prompts is None else max_prompts,
                       images_per_prompt=cfg.eval.images_per_prompt, seed=cfg.eval.seed, ref=ref,
                       inception_weights=inception_weights, feature_extractor=feature_extractor,
+                      fid_metrics=tuple(m.strip() for m in (metrics or "").split(",") if m.strip()),
+                      device=cfg.runtime.device,
                       questions=questions, vqa=vqa, vqa_path=vqa_path, dpg_fix=dpg_fix, allow_missing=allow_missing,
                       tile_resolution=dpg_resolution or cfg.model.resolution)
     generators = {} if images is not None else _generators(cfg, ckpt, is_run, step, compare)

@@ -50,7 +50,8 @@ class EvalRequest:
     ref: str | None = None
     inception_weights: str | None = None
     feature_extractor: str = "inception-v3-compat"
-    fid_metrics: tuple = ("fid",)
+    fid_metrics: tuple = ()
+    device: str = "auto"
     questions: str | None = None
     vqa: str = "blip-vqa"
     vqa_path: str = ""
@@ -250,7 +251,7 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
             samples.setdefault("_prompts", prompts[:8])
         for name, folder in targets.items():
             res = compute_fidelity(folder, req.ref, metrics=metrics, feature_extractor=req.feature_extractor,
-                                   weights_path=req.inception_weights)
+                                   weights_path=req.inception_weights, device=_device(req.device))
             res["bench"] = req.bench
             (out / name).mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / name / "summary.json", json.dumps(res, indent=2, default=str))
@@ -306,6 +307,12 @@ def _run_dpg(req: EvalRequest, generators: dict, progress_factory):
         atomic_write_text(out / "summary.json", json.dumps(res, indent=2, default=str))
         results[name] = res
     return results, samples
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _config_dict(cfg) -> dict:

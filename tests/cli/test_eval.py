@@ -200,10 +200,12 @@ def test_fid_between_generated_images_and_a_reference_folder(tiny_run, tmp_path)
     prompts.write_text("\n".join(f"a red circle number {i}" for i in range(6)) + "\n")
     out = tmp_path / "ev"
     res = runner.invoke(app, ["eval", "--bench", "fid", "--ckpt", str(tiny_run), "--prompts", str(prompts),
-                              "--ref", str(ref), "--feature-extractor", EXTRACTOR, "--out", str(out)])
+                              "--ref", str(ref), "--feature-extractor", EXTRACTOR, "--metrics", "kid,isc",
+                              "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "student" / "summary.json").read_text())
     assert summary["fid"] > 0 and summary["n1"] == 6 and summary["n2"] == 12
+    assert {"kid_mean", "kid_std", "isc_mean"} <= set(summary)
     assert summary["feature_extractor"] == EXTRACTOR
     assert "fid" in (out / "report.md").read_text()
     res = runner.invoke(app, ["eval", "--bench", "fid", "--ckpt", str(tiny_run), "--prompts", str(prompts),
