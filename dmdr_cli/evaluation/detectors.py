@@ -75,8 +75,12 @@ def register_detector(name: str, factory) -> None:
 def build_detector(name: str, *, path: str = "", clip_path: str = "", device="cpu") -> Detector:
     if name == "hf-m2f" and name not in DETECTORS:
         import dmdr_cli.evaluation.hf_m2f  # noqa: F401  (importing it registers the backend)
+    if name == "digits" and name not in DETECTORS:
+        from dmdr_cli.digits import register_all
+
+        register_all(fidelity=False)
     if name not in DETECTORS:
         raise ConfigError(f"unknown GenEval detector '{name}'.{did_you_mean(name, DETECTORS)}",
-                          f"available: {', '.join(sorted(set(DETECTORS) | {'hf-m2f'}))}; the canonical mmdet backend "
+                          f"available: {', '.join(sorted(set(DETECTORS) | {'hf-m2f', 'digits'}))}; the canonical mmdet backend "
                           "is an optional path for users who have mmdet 2.x (see README)")
     return DETECTORS[name](path, clip_path, device)

@@ -235,6 +235,10 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
 
         if not req.ref:
             raise InputError(f"--bench {req.bench} needs --ref DIR|STATS.npz", "a folder of reference images or precomputed statistics")
+        if req.feature_extractor == "dmdr-digits-cnn":
+            from dmdr_cli.digits import register_all
+
+            register_all()
         if req.feature_extractor.startswith("inception"):
             from dmdr_cli.evaluation.fidelity import resolve_inception_weights
 

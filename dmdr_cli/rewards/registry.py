@@ -176,6 +176,11 @@ def build_reward(
     (aesthetic-v2's ViT-L/14 folder).
     """
     builder = REWARDS.get(name)
+    if builder is None and name == "digit-cls":  # the digits world registers itself on first use
+        from dmdr_cli.digits import register_all
+
+        register_all(fidelity=False)
+        builder = REWARDS.get(name)
     if builder is None:
         raise ConfigError(f"unknown reward '{name}'.{did_you_mean(name, REWARDS)}",
                           f"available: {', '.join(reward_names())}")

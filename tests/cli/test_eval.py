@@ -211,3 +211,24 @@ def test_fid_between_generated_images_and_a_reference_folder(tiny_run, tmp_path)
     res = runner.invoke(app, ["eval", "--bench", "fid", "--ckpt", str(tiny_run), "--prompts", str(prompts),
                               "--ref", str(ref), "--out", str(tmp_path / "ev2")])   # Inception without weights
     assert res.exit_code == 2 and "weights-inception-2015-12-05-6726825d.pth" in res.output
+
+
+def test_digits_world_backends_register_on_first_use(tiny_run, tmp_path):
+    """`--detector digits` and `--reward digit-cls` work from the CLI without any explicit registration."""
+    from dmdr_cli.digits.world import make_metadata, write_geneval_folder
+
+    lines = make_metadata(12, seed=1, split="test")
+    root = write_geneval_folder(tmp_path / "oracle", lines, images_per_prompt=2, size=32)
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--bench", "geneval", "--images", str(root), "--detector", "digits",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "images" / "summary.json").read_text())
+    assert summary["detector"].startswith("digits:cls@") and summary["n_images"] == 24
+    assert summary["overall"] >= 0.9  # oracle renders of the prompts are (almost) all correct
+    rl = tmp_path / "rl"
+    res = runner.invoke(app, ["finetune-rl", "--from", str(tiny_run), "--rl", "refl", "--reward", "digit-cls=0.1",
+                              "--max-steps", "1", "--out", str(rl), "--set", "finetune_rl.sample_every=0"])
+    assert res.exit_code == 0, res.output
+    metrics = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
+    assert "reward/digit-cls" in metrics[-1]
