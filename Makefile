@@ -29,7 +29,10 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr finetune-rl --from $(DEMO_OUT)/distill --rl refl --out $(DEMO_OUT)/distill-refl
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample $(DEMO_PROMPTS) --ckpt $(DEMO_OUT)/distill-refl --n 2 --grid --out $(DEMO_OUT)/student
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr sample $(DEMO_PROMPTS) --base tiny-sd3 --n 2 --grid --out $(DEMO_OUT)/teacher
-	@echo "demo done: runs in $(DEMO_OUT)/distill and $(DEMO_OUT)/distill-refl; compare $(DEMO_OUT)/student/grid.png (4 steps) with $(DEMO_OUT)/teacher/grid.png (28 steps + CFG)"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr eval --bench rewards --ckpt $(DEMO_OUT)/distill-refl --compare teacher \
+		--prompts builtin:shapes --max-prompts 12 --reward color --out $(DEMO_OUT)/eval
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dmdr export --ckpt $(DEMO_OUT)/distill-refl --format diffusers --out $(DEMO_OUT)/export
+	@echo "demo done: report $(DEMO_OUT)/eval/report.md; runs $(DEMO_OUT)/distill, $(DEMO_OUT)/distill-refl; exported pipeline $(DEMO_OUT)/export"
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; \

@@ -140,10 +140,14 @@ def reward_prompts(req: EvalRequest) -> list[str]:
         path = resolve_bench_file("drawbench", "prompts.txt")
     elif spec == "geneval":
         return [m["prompt"] for m in geneval_metadata(req)]
+    elif spec.startswith("builtin:"):
+        from dmdr_cli.engine.prompts import load_source
+
+        return _limit(load_source(spec), req.max_prompts)
     else:
         path = Path(spec)
         if not path.is_file():
-            raise InputError(f"--prompts {spec}: no such file", "pass drawbench, geneval or a .txt/.jsonl file")
+            raise InputError(f"--prompts {spec}: no such file", "pass drawbench, geneval, builtin:shapes or a .txt/.jsonl file")
     prompts = [p.prompt for p in load_prompt_list(path)]
     if not prompts:
         raise InputError(f"{path} has no prompts", "one prompt per line (.txt) or a 'prompt' field per line (.jsonl)")
