@@ -51,7 +51,9 @@ __all__ = [
 #: The checkout root: the folder holding the ``dmdr_cli`` package.
 PROJECT_ROOT: Path = Path(__file__).resolve().parents[2]
 #: Read-only shared benchmark files beside a checkout (``../shared/benchmarks`` from the project root).
-SHARED_BENCHMARKS: Path = PROJECT_ROOT.parent / "shared" / "benchmarks"
+#: ``../shared/benchmarks`` beside the checkout, or ``$DMDR_SHARED_BENCHMARKS`` when the checkout lives elsewhere
+#: (a CI clone in a temporary folder, say).
+SHARED_BENCHMARKS: Path = Path(os.environ.get("DMDR_SHARED_BENCHMARKS") or PROJECT_ROOT.parent / "shared" / "benchmarks")
 
 
 @dataclass(frozen=True)
