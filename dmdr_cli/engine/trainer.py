@@ -135,6 +135,12 @@ class Trainer:
                             "launch with `accelerate launch --multi_gpu` or torchrun so a process group exists")
 
     def save(self) -> Path | None:
+        bad = [n for n, p in {**self.roles.gen_parameters(), **self.roles.guide_parameters()}.items()
+               if not torch.isfinite(p).all()]
+        if bad:  # never replace a good checkpoint with broken weights
+            where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+            raise TrainingDiverged(f"{len(bad)} trainable tensors became non-finite at generator step {self.k} "
+                                   f"(e.g. {bad[0]}); {where}", "lower the learning rates")
         self._check_ranks_in_sync()
         states = self._gather([self.gen.get_state()])
         if self.is_main:

@@ -386,3 +386,27 @@ def test_rank_sync_guard_detects_diverging_ranks():
     assert seen == [4.0]
     single = SimpleNamespace(world=1, roles=None, _gather=None)
     Trainer._check_ranks_in_sync(single)  # one process: nothing to compare
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """A step that leaves NaN in the adapters (with a finite loss) must not overwrite the last good checkpoint."""
+    import dmdr_cli.engine.trainer as trainer_mod
+
+    real = trainer_mod.Trainer.inner_step
+
+    def poisoned(self):
+        stats = real(self)
+        if stats is not None and self.k == 2:
+            with torch.no_grad():
+                next(iter(self.roles.gen_parameters().values())).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(trainer_mod.Trainer, "inner_step", poisoned)
+    run = tmp_path / "run"
+    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", "3", "--out", str(run),
+               "--set", "distill.checkpoint_every=1", "--set", "distill.sample_every=0")
+    assert res.exit_code == 2, res.output
+    assert "non-finite" in res.output and "Traceback" not in res.output
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-000001"]
+    for tensor in load_groups(checkpoint_dirs(run)[-1])["gen"].values():
+        assert torch.isfinite(tensor).all()
