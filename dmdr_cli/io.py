@@ -20,6 +20,11 @@ def _default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
+def dmdr_home() -> Path:
+    """dmdr's data folder: ``$DMDR_HOME``, default ``~/.cache/dmdr`` (tiny models, assets, benchmarks, caches)."""
+    return Path(os.environ.get("DMDR_HOME") or Path.home() / ".cache" / "dmdr").expanduser()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder + rename: never half-written."""
     path = Path(path)

@@ -340,8 +340,9 @@ def cache_key(seed: int = 0, schedule: str = "full") -> str:
 
 def cache_path(seed: int = 0, schedule: str = "full") -> Path:
     """``$DMDR_HOME/cache/digits-cls-<key>.safetensors`` of a seed and schedule."""
-    home = Path(os.environ.get("DMDR_HOME") or Path.home() / ".cache" / "dmdr").expanduser()
-    return home / "cache" / f"digits-cls-{cache_key(seed, schedule)}.safetensors"
+    from dmdr_cli.io import dmdr_home
+
+    return dmdr_home() / "cache" / f"digits-cls-{cache_key(seed, schedule)}.safetensors"
 
 
 def save_classifier(net: DigitCNN, record: dict[str, Any], path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dmdr_cli.io import dmdr_home
 from dmdr_cli.errors import InputError, did_you_mean
 from dmdr_cli.evaluation.geneval import COLORS, RELATIONS, TASKS
 
@@ -100,11 +101,6 @@ for _spec in _SPECS:
     BENCH_FILES.setdefault(_spec.bench, {})[_spec.filename] = _spec
 
 _BENCH_ALIASES = {"dpg": "dpg_bench", "dpg-bench": "dpg_bench"}
-
-
-def dmdr_home() -> Path:
-    """``$DMDR_HOME`` or ``~/.cache/dmdr``."""
-    return Path(os.environ.get("DMDR_HOME") or Path.home() / ".cache" / "dmdr").expanduser()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from dmdr_cli.errors import CheckpointError, ModelNotFoundError
-from dmdr_cli.evaluation.benchfiles import dmdr_home
+from dmdr_cli.io import dmdr_home
 
 #: torch-fidelity's name of the TF-compatible Inception-v3 extractor (the canonical one for FID/KID/IS).
 INCEPTION_EXTRACTOR = "inception-v3-compat"

@@ -7,15 +7,12 @@ Built deterministically (fixed seed) on first use into ``$DMDR_HOME/tiny/<kind>-
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from dmdr_cli.io import dmdr_home
 
 TINY_VERSION = 1
 TINY_KINDS = ("sd3", "sdxl")
-
-
-def dmdr_home() -> Path:
-    return Path(os.environ.get("DMDR_HOME", Path.home() / ".cache" / "dmdr")).expanduser()
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmdr_cli.errors import ModelNotFoundError
-from dmdr_cli.families.tiny import dmdr_home
+from dmdr_cli.io import dmdr_home
 
 __all__ = [
     "ASSETS",
