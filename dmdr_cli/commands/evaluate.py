@@ -12,13 +12,13 @@ from dmdr_cli.commands.common import BaseOpt, ConfigOpt, SetOpt, guarded, resolv
 
 @guarded
 def evaluate(
-    bench: Annotated[Optional[str], typer.Option("--bench", help="geneval | rewards | fid | kid | dpg (default eval.bench).")] = None,
+    bench: Annotated[Optional[str], typer.Option("--bench", help="geneval | rewards | fid | kid | dpg | digits (default eval.bench).")] = None,
     ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="A dmdr run directory (its student) or a diffusers folder.")] = None,
     base: BaseOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     step: Annotated[Optional[int], typer.Option("--step", help="Run checkpoint step (default: latest).")] = None,
-    compare: Annotated[Optional[str], typer.Option("--compare", help="Also evaluate a teacher on the same prompts and seeds: 'teacher' (the run's base model, its own steps + CFG) or a preset / diffusers folder.")] = None,
+    compare: Annotated[Optional[list[str]], typer.Option("--compare", help="Also evaluate on the same prompts and seeds (repeatable): 'teacher' (the run's base model, its own steps + CFG), a preset / diffusers folder (as teacher), or another dmdr run directory (its student, e.g. before RL).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Score an existing image folder instead of generating.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/eval/BENCH or eval/BENCH).")] = None,
     metadata: Annotated[Optional[str], typer.Option("--metadata", help="GenEval evaluation_metadata.jsonl (default: resolved locally, sha256-checked).")] = None,
@@ -76,6 +76,7 @@ def evaluate(
                       detector=detector, detector_path=detector_path, clip_path=clip_path, options=options,
                       rewards=rewards, max_prompts=cfg.eval.max_prompts if max_prompts is None else max_prompts,
                       images_per_prompt=cfg.eval.images_per_prompt, seed=cfg.eval.seed, ref=ref,
+                      batch_size=cfg.eval.batch_size,
                       inception_weights=inception_weights, feature_extractor=feature_extractor,
                       fid_metrics=tuple(m.strip() for m in (metrics or "").split(",") if m.strip()),
                       device=cfg.runtime.device,
@@ -88,17 +89,31 @@ def evaluate(
 
 
 def _generators(cfg, ckpt, is_run: bool, step, compare) -> dict:
+    """Models under test in report order: the teacher, other runs' students (``--compare RUN``), the student."""
     from dmdr_cli.engine import generators as g
+    from dmdr_cli.errors import InputError
 
     out = {}
-    if compare:
-        if compare == "teacher":
-            out["teacher"] = g.teacher_of(cfg)
+    for spec in compare or []:
+        folder = Path(spec)
+        if spec == "teacher":
+            key, gen = "teacher", lambda: g.teacher_of(cfg)
+        elif (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+            from dmdr_cli.config.loader import resolve_run
+
+            key = folder.resolve().name
+            gen = lambda folder=folder: g.student_of_run(resolve_run(folder, [], []), folder, None)  # noqa: E731
         else:
             from dmdr_cli.config.loader import resolve
 
-            out["teacher"] = g.teacher_of(resolve(compare) if not Path(compare).is_dir() else
-                                          resolve(None, [], [f"model.path={Path(compare).resolve()}", "model.tiny="]))
+            key = "teacher"
+            gen = lambda spec=spec, folder=folder: g.teacher_of(  # noqa: E731
+                resolve(None, [], [f"model.path={folder.resolve()}", "model.tiny="]) if folder.is_dir()
+                else resolve(spec))
+        if key in out or key == "student":
+            raise InputError(f"--compare {spec}: a model named '{key}' is already being evaluated",
+                             "give each --compare a different model")
+        out[key] = gen()
     if is_run:
         out["student"] = g.student_of_run(cfg, Path(ckpt), step)
     elif ckpt:
@@ -108,15 +123,20 @@ def _generators(cfg, ckpt, is_run: bool, step, compare) -> dict:
     return out
 
 
+_HEADLINE = ("GenEval overall", "GenEval-digits", "% correct images", "digits-FID", "digit-cls reward", "detector")
+
+
 def _print_summary(data: dict) -> None:
     from dmdr_cli.evaluation.report import metric_rows, fmt
     from dmdr_cli.ui import console
 
     cols, values = metric_rows(data["bench"], data["results"])
+    if len(cols) > 5:  # per-task columns live in report.md; the terminal gets the headline numbers
+        cols = [c for c in cols if c in _HEADLINE] or cols[:5]
     rows = []
     for name, v in values.items():
         m = data.get("models", {}).get(name, {})
         rows.append([m.get("label", name)] + [fmt(v.get(c)) for c in cols] + [fmt(m.get("seconds_per_image"), 3)])
     console.table(f"dmdr eval: {data['bench']}", ["model"] + cols + ["s / image"], rows)
-    if "speedup" in data:
-        console.info(f"speed-up student vs teacher: {data['speedup']:.1f}x")
+    for name, x in data.get("speedups", {}).items():
+        console.info(f"speed-up {name} vs teacher: {x:.1f}x")

@@ -28,7 +28,7 @@ class ModelConfig:
     family: str = _f("", "Model family: 'sd3' (flow matching) or 'sdxl' (epsilon). Empty: detect from model_index.json.")
     hub_id: str = _f("", "Hugging Face hub id of the base model (resolved from the local HF cache only).")
     path: str = _f("", "Local diffusers folder of the base model; takes precedence over hub_id.")
-    tiny: str = _f("", "Built-in tiny model to build on first use ('sd3' or 'sdxl'); for tests and CPU demos.")
+    tiny: str = _f("", "Built-in tiny model: 'digits' (the shipped, trained digits-world SD3 teacher) or 'sd3'/'sdxl' (random weights, built on first use; for tests).")
     allow_download: bool = _f(False, "Allow downloading missing weights from the hub (never done otherwise).")
     dtype: str = _f("fp32", "Weight dtype of the frozen base: fp32, bf16 or fp16.")
     resolution: int = _f(512, "Image resolution in pixels (square).")
@@ -160,10 +160,11 @@ class SampleConfig:
 class EvalConfig:
     """Defaults of ``dmdr eval``."""
 
-    bench: str = _f("geneval", "Benchmark: geneval, fid, rewards, dpg.")
+    bench: str = _f("geneval", "Benchmark: geneval, fid, kid, rewards, dpg, digits.")
     images_per_prompt: int = _f(4, "Images per prompt.")
     seed: int = _f(42, "Seed (GenEval's reference generator reseeds 42 per prompt).")
     max_prompts: int = _f(0, "Evaluate only the first N prompts (0 = all).")
+    batch_size: int = _f(4, "Images per generator call (per-image seeds: images do not depend on it); seconds per image are measured at this batch.")
 
 
 @dataclass
@@ -196,7 +197,7 @@ class DmdrConfig:
 # Allowed values of string enums, checked on resolution (key -> choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("", "sd3", "sdxl"),
-    "model.tiny": ("", "sd3", "sdxl"),
+    "model.tiny": ("", "sd3", "sdxl", "digits"),
     "model.dtype": ("fp32", "bf16", "fp16"),
     "student.grid_dtype": ("fp32", "bf16"),
     "student.simulation": ("ode", "sde"),
@@ -206,7 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distill.t_sampler": ("beta_anneal", "uniform", "logit_normal"),
     "distill.nan_mode": ("faithful", "clean"),
     "finetune_rl.rl": ("refl", "dpo", "grpo", "none"),
-    "eval.bench": ("geneval", "fid", "kid", "rewards", "dpg"),
+    "eval.bench": ("geneval", "fid", "kid", "rewards", "dpg", "digits"),
     "export.format": ("safetensors", "diffusers", "lora", "comfyui"),
     "export.dtype": ("fp16", "bf16", "fp32"),
 }

@@ -345,6 +345,24 @@ def cache_path(seed: int = 0, schedule: str = "full") -> Path:
     return dmdr_home() / "cache" / f"digits-cls-{cache_key(seed, schedule)}.safetensors"
 
 
+def shipped_path() -> Path:
+    """The classifier shipped with the package (``dmdr_cli/assets/digits-cls.safetensors``): the default
+    (seed 0, ``full``) one, used while its recorded cache key matches this code and data."""
+    return Path(__file__).resolve().parents[1] / "assets" / "digits-cls.safetensors"
+
+
+def _shipped_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return json.loads((fh.metadata() or {}).get("dmdr", "{}")).get("key")
+    except Exception:  # noqa: BLE001 - unreadable: train instead
+        return None
+
+
 def save_classifier(net: DigitCNN, record: dict[str, Any], path: str | Path) -> Path:
     from safetensors.torch import save
 
@@ -393,9 +411,12 @@ def load_classifier(path: str | os.PathLike[str] | None = None, *, seed: int = 0
                                          "leave the path empty to train/use the cached classifier")
         else:
             file = cache_path(seed, schedule)
-            if not file.is_file():
+            shipped = shipped_path()
+            if not file.is_file() and _shipped_key(shipped) == cache_key(seed, schedule):
+                file = shipped  # trained by exactly this code and data: no need to train again
+            elif not file.is_file():
                 net, record = train_classifier(seed, schedule, log=log)
-                save_classifier(net, record, file)
+                save_classifier(net, {**record, "key": cache_key(seed, schedule)}, file)
         st = file.stat()
         key = (str(file.resolve()), st.st_mtime_ns, str(device))
         if key not in _LOADED:

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmdr_cli.families.sd3 import ZeroTokenAttnProcessor
+
 __all__ = [
     "TeacherRecipe",
     "build_dataset",
@@ -334,35 +336,8 @@ def encode_prompts_compact(pipe, prompts: list[str]) -> tuple[torch.Tensor, torc
     return embeds.float(), pooled.float()
 
 
-class _NullBiasProcessor:
-    """``JointAttnProcessor2_0`` plus an additive attention-logit bias ``self.bias`` ([B, 1, 1, S] or None)."""
-
-    def __init__(self) -> None:
-        self.bias: torch.Tensor | None = None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b = hidden_states.shape[0]
-        n_img = hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        hs, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        hs = attn.to_out[1](attn.to_out[0](hs))
-        return hs, ctx
+# one zero token + log N on its logit: the SD3 family's processor, with a per-sample bias set by the trainer
+_NullBiasProcessor = ZeroTokenAttnProcessor
 
 
 def _install_null_bias(transformer) -> _NullBiasProcessor:

@@ -29,7 +29,15 @@ def builtin_shapes() -> list[str]:
     return out
 
 
-BUILTIN = {"shapes": builtin_shapes}
+def builtin_digits(split: str = "train", n: int = 3000) -> list[str]:
+    """Digits-world captions of one prompt split, balanced over the six GenEval tasks (the training prompts of
+    ``tiny-sd3``: the held-out ``test`` split is what ``dmdr eval --bench digits`` scores)."""
+    from dmdr_cli.digits.world import make_metadata
+
+    return [m["prompt"] for m in make_metadata(n, seed=1, split=split)]
+
+
+BUILTIN = {"shapes": builtin_shapes, "digits": builtin_digits, "digits-test": lambda: builtin_digits("test", 600)}
 OFFICIAL_PROMPTS = ("DyJiang/dmdr", "t2i-2m-filtered-prompts.txt")
 
 

@@ -8,9 +8,6 @@ from pathlib import Path
 
 from dmdr_cli.io import atomic_write_text
 
-_ORDER = ("teacher", "student", "images")
-
-
 def fmt(v, digits: int = 4) -> str:
     if v is None:
         return "-"
@@ -22,7 +19,9 @@ def fmt(v, digits: int = 4) -> str:
 
 
 def _names(results: dict) -> list[str]:
-    return sorted(results, key=lambda n: (_ORDER.index(n) if n in _ORDER else 9, n))
+    """Teacher first, the student last, other models (``--compare RUN``) in between in their given order."""
+    rank = {"teacher": 0, "student": 2, "images": 3}
+    return sorted(results, key=lambda n: rank.get(n, 1))
 
 
 def metric_rows(bench: str, results: dict) -> tuple[list[str], dict[str, dict[str, object]]]:
@@ -46,6 +45,13 @@ def metric_rows(bench: str, results: dict) -> tuple[list[str], dict[str, dict[st
                 if key in r:
                     v[key] = r[key]
             v["features"] = r.get("feature_extractor")
+        elif bench == "digits":
+            ge = r.get("geneval", {})
+            v["GenEval-digits"] = ge.get("overall")
+            for tag, t in ge.get("tasks", {}).items():
+                v[tag] = t.get("accuracy")
+            v["digits-FID"] = r.get("fid")
+            v["digit-cls reward"] = r.get("reward")
         elif bench == "dpg":
             v["DPG score"] = r.get("dpg_score")
             v["images"] = r.get("n_images")
@@ -67,6 +73,10 @@ def compare_grid(samples: dict, out: Path) -> Path | None:
         return None
     tiles = [[Image.open(samples[n][i]).convert("RGB") for n in names] for i in range(n_rows)]
     w, h = tiles[0][0].size
+    if w < 96:  # tiny canvases (digits world: 32 px) are upscaled without smoothing so they stay readable
+        k = -(-96 // w)
+        tiles = [[im.resize((w * k, h * k), Image.NEAREST) for im in row] for row in tiles]
+        w, h = w * k, h * k
     pad = 4
     grid = Image.new("RGB", (len(names) * (w + pad) + pad, n_rows * (h + pad) + pad), "white")
     for r, row in enumerate(tiles):
@@ -90,9 +100,11 @@ def write(out: Path, data: dict, samples: dict) -> Path:
         row += [fmt(m.get("steps")), fmt(m.get("guidance")), fmt(m.get("seconds_per_image"), 3)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    if "speedup" in data:
-        lines += [f"**Speed-up of the student over the teacher: {data['speedup']:.1f}x** (wall-clock per image, "
-                  "same prompts, seeds and machine).", ""]
+    for name, x in data.get("speedups", {}).items():
+        label = models.get(name, {}).get("label", name)
+        batch = data.get("request", {}).get("batch_size")
+        lines += [f"**Speed-up of {label} over the teacher: {x:.1f}x** (wall-clock per image incl. text encoding "
+                  f"and VAE decoding, {f'batches of {batch}, ' if batch else ''}same prompts, seeds and machine).", ""]
     canon = [r.get("canonical") for r in results.values() if isinstance(r, dict)]
     if canon and not all(canon):
         lines += ["Numbers marked non-canonical (offline backends, tiny or substitute models) are dmdr-internal "

@@ -22,6 +22,64 @@ LORA_TARGETS = (
 )
 
 
+class ZeroTokenAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` plus an additive attention-logit bias on the context keys.
+
+    Without T5, SD3's ``encode_prompt`` appends ``max_sequence_length`` all-zero "T5" tokens. They enter the joint
+    blocks identical and stay identical (the context stream has no positional embedding), so as keys/values they
+    are exactly ONE token whose attention logit weighs ``log N`` more, and their own outputs are copies. dmdr
+    therefore encodes one zero token and adds ``log N`` to its logit: the same network function at a fraction
+    of the context length (160 -> 33 tokens for the digits teacher). ``bias`` (``[B|1, 1, 1, S]``) overrides
+    the fixed ``log_n`` on the last key (the digits-teacher trainer draws ``N`` per sample).
+    """
+
+    def __init__(self, log_n: float | None = None) -> None:
+        self.log_n = log_n
+        self.bias: torch.Tensor | None = None
+
+    def _mask(self, n_keys: int, like: torch.Tensor) -> torch.Tensor | None:
+        if self.bias is not None:
+            return self.bias.to(like.dtype)
+        if self.log_n is None:
+            return None
+        mask = torch.zeros(1, 1, 1, n_keys, dtype=like.dtype, device=like.device)
+        mask[..., -1] = self.log_n
+        return mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        import torch.nn.functional as F
+
+        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        mask = None
+        if encoder_hidden_states is not None:
+            cq = heads(attn.add_q_proj(encoder_hidden_states))
+            ck = heads(attn.add_k_proj(encoder_hidden_states))
+            cv = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            mask = self._mask(k.shape[2], q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        hs, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](hs)), ctx
+
+
 class SD3Family:
     """Flow-matching family. One instance per run; holds the run's shift and x0 end point."""
 
@@ -48,7 +106,12 @@ class SD3Family:
             if module is not None:
                 module.requires_grad_(False).eval()
         pipe.set_progress_bar_config(disable=True)
-        return Bundle(self, pipe, source, str(folder), device, dtype, {"t5": pipe.text_encoder_3 is not None})
+        t5 = pipe.text_encoder_3 is not None
+        if not t5 and self.max_sequence_length > 1:  # exact: N zero tokens = one token with +log N (see above)
+            import math
+
+            pipe.transformer.set_attn_processor(ZeroTokenAttnProcessor(math.log(self.max_sequence_length)))
+        return Bundle(self, pipe, source, str(folder), device, dtype, {"t5": t5})
 
     def network_of(self, pipe: Any) -> torch.nn.Module:
         return pipe.transformer
@@ -60,9 +123,10 @@ class SD3Family:
     # -- conditioning --------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, bundle: Bundle, prompts: list[str]) -> Cond:
+        compact = not bundle.info.get("t5", True)  # one zero "T5" token stands for max_sequence_length of them
         embeds, _, pooled, _ = bundle.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=bundle.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            do_classifier_free_guidance=False, max_sequence_length=1 if compact else self.max_sequence_length,
         )
         return Cond({"encoder_hidden_states": embeds.to(bundle.dtype), "pooled_projections": pooled.to(bundle.dtype)})
 

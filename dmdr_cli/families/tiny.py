@@ -145,13 +145,31 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
 _BUILDERS = {"sd3": build_sd3, "sdxl": build_sdxl}
 
 
+def shipped_folder(name: str) -> Path:
+    """A pipeline folder shipped inside the package (``dmdr_cli/assets/<name>``)."""
+    return Path(__file__).resolve().parents[1] / "assets" / name
+
+
+#: Trained tiny models shipped with the package (``model.tiny`` name -> asset folder).
+SHIPPED = {"digits": "digits-teacher"}
+
+
 def ensure_tiny(kind: str, home: Path | None = None) -> Path:
-    """Path of the tiny ``kind`` pipeline folder, building it atomically on first use."""
-    from dmdr_cli.errors import ConfigError
+    """Path of the tiny ``kind`` pipeline folder: a shipped trained model, or a random one built atomically on
+    first use."""
+    from dmdr_cli.errors import ConfigError, ModelNotFoundError
     from dmdr_cli.io import AtomicDir
 
+    if kind in SHIPPED:
+        folder = shipped_folder(SHIPPED[kind])
+        if not (folder / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the shipped '{kind}' model is missing from {folder}",
+                                     "reinstall dmdr (pip install --force-reinstall dmdr), or retrain it with "
+                                     "scripts/train_digits_teacher.py and pass --set model.path=DIR")
+        return folder
+
     if kind not in _BUILDERS:
-        raise ConfigError(f"unknown tiny model '{kind}'", f"choose one of {', '.join(_BUILDERS)}")
+        raise ConfigError(f"unknown tiny model '{kind}'", f"choose one of {', '.join([*SHIPPED, *_BUILDERS])}")
     folder = (home or dmdr_home()) / "tiny" / f"{kind}-v{TINY_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder

@@ -99,6 +99,12 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise InputError(f"{run_dir} already holds a run", "pass --resume to continue it, or choose another --out")
 
 
+def sample_prompts(prompts: list[str], n: int = 4) -> list[str]:
+    """The fixed prompts of the periodic sample grids: spread over the prompt list (task-ordered lists such as
+    ``builtin:digits`` then show every kind of prompt)."""
+    return prompts[::max(1, len(prompts) // n)][:n]
+
+
 def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
     """Run stage 1 into ``run_dir``; returns the last checkpoint path."""
     from dmdr_cli.engine.metrics import FanOut, JsonlSink
@@ -123,10 +129,15 @@ def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
                      seed=cfg.runtime.seed, resolution=cfg.model.resolution, dmd=dmd_settings(cfg),
                      identity=identity(cfg, bundle))
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
-    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=prompts[:4])
+    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=sample_prompts(prompts))
     if resume:
         trainer.restore(latest(run_dir), same_stage=True)
     if accel.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
-    return trainer.run()
+    last = trainer.run()
+    if accel.is_main_process:
+        from dmdr_cli.evaluation.plots import training_curves
+
+        training_curves(run_dir)
+    return last

@@ -45,7 +45,7 @@ class EvalRequest:
     max_prompts: int = 0
     images_per_prompt: int = 4
     seed: int = 42
-    batch_size: int = 4
+    batch_size: int = 4                  # images per generator call (eval.batch_size)
     options_meta: dict = field(default_factory=dict)
     ref: str | None = None
     inception_weights: str | None = None
@@ -82,16 +82,24 @@ def geneval_metadata(req: EvalRequest) -> list[dict]:
 
 
 def generate_geneval(gen, metadata: list[dict], root: Path, req: EvalRequest, progress: Progress | None) -> None:
-    """GenEval layout: ``root/<index:05d>/metadata.jsonl`` + ``samples/0000.png..``; seeds ``seed + j`` per prompt."""
+    """GenEval layout: ``root/<index:05d>/metadata.jsonl`` + ``samples/0000.png..``; seeds ``seed + j`` per prompt.
+    Images are generated ``req.batch_size`` at a time across prompts (per-image seeds: the batch size changes the images
+    only by float rounding), which is also the batch at which seconds per image are measured."""
     from dmdr_cli.engine.images import to_pil
     from dmdr_cli.evaluation.geneval import write_prompt_folder
 
     k = req.images_per_prompt
-    for idx, md in enumerate(metadata):
-        imgs = gen([md["prompt"]] * k, [req.seed + j for j in range(k)])
-        write_prompt_folder(root, idx, md, [to_pil(i) for i in imgs])
-        if progress:
-            progress(idx + 1, len(metadata))
+    jobs = [(idx, j) for idx in range(len(metadata)) for j in range(k)]
+    done: dict[int, list] = {}
+    for start in range(0, len(jobs), max(1, req.batch_size)):
+        part = jobs[start:start + max(1, req.batch_size)]
+        imgs = gen([metadata[idx]["prompt"] for idx, _ in part], [req.seed + j for _, j in part])
+        for (idx, _), img in zip(part, imgs):
+            done.setdefault(idx, []).append(to_pil(img))
+            if len(done[idx]) == k:
+                write_prompt_folder(root, idx, metadata[idx], done.pop(idx))
+                if progress:
+                    progress(idx + 1, len(metadata))
 
 
 def score_geneval(root: Path, out: Path, req: EvalRequest, detector, progress: Progress | None) -> dict:
@@ -195,6 +203,70 @@ def score_rewards(paths: list[Path], prompts: list[str], rewards: list, out: Pat
     return summary
 
 
+# -- the digits world suite -----------------------------------------------------------------------------------
+DIGITS_PROMPTS = 60
+
+
+def digits_metadata(req: EvalRequest) -> list[dict]:
+    """Held-out digits-world prompts in GenEval's schema (``--metadata`` FILE overrides): ``max_prompts`` lines
+    (default 60) of the ``test`` split, shared round-robin over the six tasks, deterministic."""
+    if req.metadata:
+        return geneval_metadata(req)
+    from dmdr_cli.digits import world
+
+    n = req.max_prompts or DIGITS_PROMPTS
+    lines = world.make_metadata(n, seed=0, split="test")
+    req.options_meta = {"metadata_file": f"digits-world held-out split ({n} prompts, seed 0)",
+                        "official_metadata": False}
+    return lines
+
+
+def digits_reference(metadata: list[dict], root: Path, req: EvalRequest, size: int) -> Path:
+    """Real held-out canvases for digits-FID: oracle renders of the same prompt lines with held-out glyphs
+    (``images_per_prompt`` per line), written once per request into ``root`` and reused."""
+    from dmdr_cli.digits import world
+
+    stamp = root / "reference.json"
+    key = {"n": len(metadata), "k": req.images_per_prompt, "seed": req.seed, "size": size,
+           "prompts": [m["prompt"] for m in metadata]}
+    if stamp.is_file() and json.loads(stamp.read_text()) == key:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for i, md in enumerate(metadata):
+        for j in range(req.images_per_prompt):
+            img, _ = world.render(md, seed=req.seed + 1000 * i + j, size=size, split="test")
+            img.save(root / f"{i:05d}-{j}.png")
+    atomic_write_text(stamp, json.dumps(key))
+    return root
+
+
+def score_digits(root: Path, out: Path, req: EvalRequest, detector, reward, ref: Path,
+                 progress: Progress | None) -> dict:
+    """GenEval-digits (rule engine + ``digits`` detector), digits-FID against ``ref`` and the mean ``digit-cls``
+    reward of every image of a GenEval-layout folder."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dmdr_cli.evaluation.fidelity import compute_fidelity
+    from dmdr_cli.evaluation.geneval import iter_image_folder
+
+    ge = score_geneval(root, out, req, detector, progress)
+    fid = compute_fidelity(root, ref, metrics=("fid",), feature_extractor="dmdr-digits-cnn",
+                           device=_device(req.device), samples_find_deep=True)
+    scores = []
+    for _idx, md, paths in iter_image_folder(root):
+        x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0
+                                       for p in paths])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            scores += [float(v) for v in reward(x, [md["prompt"]] * len(paths))]
+    summary = {"bench": "digits", "geneval": ge, "fid": fid["fid"], "fid_n": [fid["n1"], fid["n2"]],
+               "reward": float(np.mean(scores)), "reward_model": reward.name, "n_images": len(scores),
+               "canonical": False}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 # -- the workflow ----------------------------------------------------------------------------------------------
 def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str, int], object]) -> dict:
     """Evaluate every generator (``{"student": g, "teacher": g}``) or just ``req.images``; returns eval.json's dict."""
@@ -264,16 +336,42 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
             (out / name).mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / name / "summary.json", json.dumps(res, indent=2, default=str))
             results[name] = res
+    elif req.bench == "digits":
+        from dmdr_cli.digits import register_all
+        from dmdr_cli.evaluation.detectors import build_detector
+        from dmdr_cli.rewards.registry import build_reward
+
+        register_all()
+        detector = build_detector("digits")
+        reward = build_reward("digit-cls")
+        metadata = digits_metadata(req)
+        size = cfg.model.resolution if cfg is not None else 32
+        with progress_factory("rendering reference canvases", 0) as up:
+            ref = digits_reference(metadata, out / "reference", req, size)
+        if req.images is not None:
+            with progress_factory("scoring", 0) as up:
+                results["images"] = score_digits(req.images, out / "images", req, detector, reward, ref, up)
+        for name, gen in generators.items():
+            root = out / name / "images"
+            with progress_factory(f"generating ({name})", len(metadata)) as up:
+                generate_geneval(gen, metadata, root, req, up)
+            with progress_factory(f"scoring ({name})", len(metadata)) as up:
+                results[name] = score_digits(root, out / name, req, detector, reward, ref, up)
+            samples[name] = [root / f"{i:05d}" / "samples" / "0000.png" for i in range(min(12, len(metadata)))]
+            samples.setdefault("_prompts", [m["prompt"] for m in metadata[:12]])
     elif req.bench == "dpg":
         results, samples = _run_dpg(req, generators, progress_factory)
     else:
-        raise InputError(f"unknown bench '{req.bench}'", "choose geneval, rewards, fid, kid or dpg")
+        raise InputError(f"unknown bench '{req.bench}'", "choose geneval, rewards, fid, kid, dpg or digits")
     timing = {name: {"seconds_per_image": g.seconds_per_image, **g.describe()} for name, g in generators.items()}
     data = {"bench": req.bench, "results": results, "models": timing, "config": _config_dict(cfg),
             "versions": _versions(), "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(req).items()
                                                  if k != "rewards"} | {"rewards": [n for n, _ in req.rewards]}}
-    if "teacher" in timing and "student" in timing:
-        data["speedup"] = timing["teacher"]["seconds_per_image"] / timing["student"]["seconds_per_image"]
+    if "teacher" in timing:
+        data["speedups"] = {name: timing["teacher"]["seconds_per_image"] / t["seconds_per_image"]
+                            for name, t in timing.items() if name != "teacher"}
+        if "student" in data["speedups"]:
+            data["speedup"] = data["speedups"]["student"]
     atomic_write_text(out / "eval.json", json.dumps(data, indent=2, default=str))
     report.write(out, data, samples)
     return data

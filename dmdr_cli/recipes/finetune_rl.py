@@ -19,7 +19,7 @@ from pathlib import Path
 from dmdr_cli.config.loader import save_resolved
 from dmdr_cli.engine.checkpoint import latest, read_state
 from dmdr_cli.recipes.distill import (build_roles, check_run_dir, dmd_settings, identity, make_accelerator,
-                                      prompt_source)
+                                      prompt_source, sample_prompts)
 
 
 def reward_terms(cfg, device):
@@ -62,7 +62,7 @@ def run(cfg, from_run: Path, run_dir: Path, *, resume: bool = False, sink=None):
                      sde_input=cfg.student.sde_input, seed=cfg.runtime.seed + 1, resolution=cfg.model.resolution,
                      dmd=dmd_settings(cfg, dmd_weight=f.dmd_weight), identity=identity(cfg, bundle), stage_start=start)
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
-    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=prompts[:4], rl_fn=plugin)
+    trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=sample_prompts(prompts), rl_fn=plugin)
     trainer.restore(source, same_stage=resume)
     if accel.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,4 +70,9 @@ def run(cfg, from_run: Path, run_dir: Path, *, resume: bool = False, sink=None):
         (run_dir / "parent.txt").write_text(f"{Path(from_run).resolve()}\n{source.name}\n")
     if f.rl == "dpo" and not resume:
         roles.sync_reference()  # the DPO reference is the generator at the start of stage 2
-    return trainer.run()
+    last = trainer.run()
+    if accel.is_main_process:
+        from dmdr_cli.evaluation.plots import training_curves
+
+        training_curves(run_dir)
+    return last

@@ -20,7 +20,7 @@ from dmdr_cli.config.loader import from_dict, resolve
 from dmdr_cli.config.schema import DmdrConfig
 
 REPO = Path(__file__).resolve().parents[2]
-PRESETS = ("sd3-medium", "sd3.5-large", "sd3.5-medium", "sdxl-base", "tiny-sd3", "tiny-sdxl")
+PRESETS = ("sd3-medium", "sd3.5-large", "sd3.5-medium", "sdxl-base", "tiny-sd3-random", "tiny-sdxl")
 HUB_SD3M = "stabilityai/stable-diffusion-3-medium-diffusers"
 # Wide terminal so Rich never folds a table cell or an error line in the captured output.
 runner = CliRunner(env={"COLUMNS": "240"})
@@ -122,14 +122,14 @@ def test_presets_list_shows_all_six():
 
 
 def test_presets_show_resolved_has_every_section():
-    result = dmdr("presets", "show", "tiny-sd3", "--resolved")
+    result = dmdr("presets", "show", "tiny-sd3-random", "--resolved")
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
     sections = [f for f in DmdrConfig.__dataclass_fields__]
     assert list(shown) == sections
     for section in ("model", "teacher", "student", "lora", "runtime", "distill", "finetune_rl", "sample", "eval", "export"):
         assert f"{section}:" in result.stdout
-    assert from_dict(shown) == resolve("tiny-sd3")
+    assert from_dict(shown) == resolve("tiny-sd3-random")
 
 
 def test_presets_show_deltas_is_the_preset_file():
@@ -171,7 +171,7 @@ def test_presets_validate_wrong_type(tmp_path):
 
 
 def test_sample_few_step_writes_everything_and_is_reproducible(tmp_path, tiny_sd3_dir):
-    args = ["sample", "a red circle", "--base", "tiny-sd3", "--steps", "4", "--n", "2", "--grid"]
+    args = ["sample", "a red circle", "--base", "tiny-sd3-random", "--steps", "4", "--n", "2", "--grid"]
     out = tmp_path / "a"
     result = dmdr(*args, "--out", out)
     assert result.exit_code == 0, result.output
@@ -188,7 +188,7 @@ def test_sample_few_step_writes_everything_and_is_reproducible(tmp_path, tiny_sd
     for r in records:
         assert r["steps"] == 4 and r["guidance"] == 1.0 and r["model"] == "tiny-sd3" and r["family"] == "sd3"
         assert r["mode"] == "ode" and r["grid"] == pytest.approx([1.0, 0.90012, 0.750375, 0.500999], abs=1e-6)
-    assert from_dict(yaml.safe_load((out / "config.yaml").read_text())) == resolve("tiny-sd3")
+    assert from_dict(yaml.safe_load((out / "config.yaml").read_text())) == resolve("tiny-sd3-random")
     assert (out / "00000.png").read_bytes() != (out / "00001.png").read_bytes()  # seeds 0 and 1 differ
 
     out2 = tmp_path / "b"
@@ -211,7 +211,7 @@ def test_sample_prompts_jsonl(tmp_path, tiny_sd3_dir):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a green triangle", "id": 7}\n')
     out = tmp_path / "j"
-    result = dmdr("sample", "--prompts", prompts, "--base", "tiny-sd3", "--set", "teacher.steps=2", "--out", out)
+    result = dmdr("sample", "--prompts", prompts, "--base", "tiny-sd3-random", "--set", "teacher.steps=2", "--out", out)
     assert result.exit_code == 0, result.output
     records = metadata(out)
     assert [(r["file"], r["prompt"], r["seed"], r["steps"]) for r in records] == [
@@ -268,7 +268,7 @@ def test_sample_missing_hub_model(tmp_path, empty_hf_cache):
 
 
 def test_distill_wrong_type():
-    assert_user_error(dmdr("distill", "--base", "tiny-sd3", "--set", "distill.lr=abc"), "distill.lr", "float")
+    assert_user_error(dmdr("distill", "--base", "tiny-sd3-random", "--set", "distill.lr=abc"), "distill.lr", "float")
 
 
 def test_unknown_set_key_and_bad_list():

@@ -81,7 +81,7 @@ def test_geneval_on_existing_folder_reproduces_hand_computed_scores(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_sd3_dir):
     run = tmp_path_factory.mktemp("evalrun") / "run"
-    res = runner.invoke(app, ["distill", "--base", "tiny-sd3", "--max-steps", "1", "--out", str(run),
+    res = runner.invoke(app, ["distill", "--base", "tiny-sd3-random", "--max-steps", "1", "--out", str(run),
                               "--set", "distill.sample_every=0"])
     assert res.exit_code == 0, res.output
     return run
@@ -232,3 +232,62 @@ def test_digits_world_backends_register_on_first_use(tiny_run, tmp_path):
     assert res.exit_code == 0, res.output
     metrics = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
     assert "reward/digit-cls" in metrics[-1]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """Two generator steps of stage 1 on the shipped digits-world teacher (the `tiny-sd3` default)."""
+    run = tmp_path_factory.mktemp("digits") / "d"
+    res = runner.invoke(app, ["distill", "--base", "tiny-sd3", "--max-steps", "2", "--out", str(run),
+                              "--set", "distill.batch_size=2", "--set", "distill.ttur=2",
+                              "--set", "distill.sample_every=0"])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_digits_bench_scores_oracle_canvases_near_perfectly(tmp_path):
+    """Oracle renders of the held-out prompts: GenEval-digits ~1, small digits-FID against other oracle renders."""
+    from dmdr_cli.digits.world import make_metadata, write_geneval_folder
+
+    lines = make_metadata(6, seed=0, split="test")
+    root = write_geneval_folder(tmp_path / "oracle", lines, images_per_prompt=4, size=32)
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--bench", "digits", "--images", str(root), "--max-prompts", "6",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "images" / "summary.json").read_text())
+    assert s["geneval"]["overall"] >= 0.9 and s["n_images"] == 24 and s["fid_n"] == [24, 24]
+    assert len(list((out / "reference").glob("*.png"))) == 24
+    # the same prompts drawn as random blobs: far from the reference canvases, low reward, GenEval 0
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    blobs = [[Image.fromarray((rng.random((32, 32, 3)) > 0.8).astype(np.uint8) * 255) for _ in range(4)] for _ in lines]
+    for idx, (md, imgs) in enumerate(zip(lines, blobs)):
+        write_prompt_folder(tmp_path / "blobs", idx, md, imgs)
+    res = runner.invoke(app, ["eval", "--bench", "digits", "--images", str(tmp_path / "blobs"), "--max-prompts", "6",
+                              "--out", str(out / "b")])
+    assert res.exit_code == 0, res.output
+    b = json.loads((out / "b" / "images" / "summary.json").read_text())
+    assert b["geneval"]["overall"] == 0 and b["fid"] > 2 * s["fid"] > 0 and b["reward"] < s["reward"]
+
+
+def test_digits_bench_compares_teacher_runs_and_student_in_one_report(digits_run, tmp_path):
+    out = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", "--ckpt", str(digits_run), "--compare", "teacher", "--compare", str(digits_run),
+                              "--max-prompts", "6", "--set", "eval.images_per_prompt=2", "--set", "teacher.steps=6",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output   # eval.bench of tiny-sd3 is `digits`
+    data = json.loads((out / "eval.json").read_text())
+    assert list(data["results"]) == ["teacher", "d", "student"] and data["bench"] == "digits"
+    for name, r in data["results"].items():
+        assert r["n_images"] == 12 and r["fid"] > 0 and set(r["geneval"]["tasks"]) == {
+            "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert set(data["speedups"]) == {"d", "student"} and data["speedup"] == data["speedups"]["student"]
+    report = (out / "report.md").read_text()
+    assert report.index("teacher 6-step") < report.index("(d@step-000002)") and "digits-FID" in report
+    assert Image.open(out / "compare.png").size[0] >= 3 * 96
+    # the same --compare twice is refused
+    res = runner.invoke(app, ["eval", "--ckpt", str(digits_run), "--compare", "teacher", "--compare", "teacher",
+                              "--out", str(tmp_path / "ev2")])
+    assert res.exit_code == 2 and "already" in res.output

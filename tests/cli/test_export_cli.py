@@ -1,4 +1,4 @@
-"""``dmdr export`` end to end on tiny runs: every format of tiny-sd3 and tiny-sdxl is written through the CLI and
+"""``dmdr export`` end to end on tiny runs: every format of tiny-sd3-random and tiny-sdxl is written through the CLI and
 loaded back with stock diffusers (strict state-dict loading, ``DiffusionPipeline.from_pretrained``,
 ``load_lora_weights``, diffusers' kohya converter), independently of the export's own verification; plus the
 refusals (exit 2, one line, nothing written) and the checks that must catch a broken merge or a corrupt file.
@@ -24,6 +24,7 @@ from dmdr_cli.app import app
 SD3_SIGMAS = [1.0, 0.75025, 0.5005, 0.25075]     # ALGORITHM.md 5.3: the unshifted 4-step grid of shift 3
 PROMPTS = ["a red circle on a white background", "two blue squares"]
 SEEDS = [0, 1]
+PRESET = {"sd3": "tiny-sd3-random", "sdxl": "tiny-sdxl"}  # random tiny models with every text encoder
 
 
 def dmdr(*args):
@@ -90,7 +91,7 @@ def runs(tmp_path_factory, tiny_sd3_dir, tiny_sdxl_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ACCELERATE_USE_CPU", "true")
         for family in ("sd3", "sdxl"):
-            cfg = resolve(f"tiny-{family}", [], ["runtime.device=cpu", "distill.max_steps=1", "distill.checkpoint_every=1",
+            cfg = resolve(PRESET[family], [], ["runtime.device=cpu", "distill.max_steps=1", "distill.checkpoint_every=1",
                                                   "distill.batch_size=1", "distill.ttur=1"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

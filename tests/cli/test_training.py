@@ -2,7 +2,7 @@
 tiny models: run-directory layout, exact resume, refusals with exit code 2, divergence, Ctrl-C, stage 2 and a
 real two-process ``accelerate launch``.
 
-Runs are in-process (typer's CliRunner) except the distributed one; module fixtures share one 2-step tiny-sd3
+Runs are in-process (typer's CliRunner) except the distributed one; module fixtures share one 2-step tiny-sd3-random
 run and one 2-step tiny-sdxl run, and tests that modify a run work on a copy.
 """
 
@@ -73,7 +73,7 @@ def metrics_by_step(run: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def sd3_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sd3") / "run"
-    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run))
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run))
     return run
 
 
@@ -122,10 +122,10 @@ def test_distill_writes_a_complete_run_directory(sd3_run):
 
 def test_exact_resume_is_bit_identical(sd3_run, tmp_path):
     straight = tmp_path / "straight"
-    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", straight,
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 4, "--out", straight,
             "--set", "distill.checkpoint_every=2"))
     resumed = copy_run(sd3_run, tmp_path / "resumed")   # the same config stopped after 2 steps
-    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", resumed, "--resume",
+    res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 4, "--out", resumed, "--resume",
                "--set", "distill.checkpoint_every=2")
     ok(res)
     assert "resumed from step-000002 (k=2, j=11)" in res.output
@@ -145,14 +145,14 @@ def test_exact_resume_is_bit_identical(sd3_run, tmp_path):
 
 def test_run_directory_refusals(sd3_run, tmp_path):
     before = (sd3_run / "metrics.jsonl").read_text()
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", sd3_run),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", sd3_run),
                   "already holds a run", "--resume")
     assert (sd3_run / "metrics.jsonl").read_text() == before
     empty = tmp_path / "empty"
     empty.mkdir()
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", empty, "--resume"),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", empty, "--resume"),
                   "no checkpoint to resume from")
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--out", tmp_path / "missing", "--resume"),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--out", tmp_path / "missing", "--resume"),
                   "no checkpoint to resume from")
     fails_cleanly(dmdr("finetune-rl", "--from", tmp_path / "nothing", "--rl", "none", "--out", tmp_path / "x"),
                   "not a dmdr run directory")
@@ -160,7 +160,7 @@ def test_run_directory_refusals(sd3_run, tmp_path):
 
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
     run = tmp_path / "run"
-    ok(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 1, "--out", run,
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 1, "--out", run,
             "--set", "distill.checkpoint_every=0", "--set", "distill.sample_every=0"))
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
     assert not (run / "samples").exists()
@@ -175,7 +175,7 @@ def test_corrupt_checkpoint_is_one_clean_error(sd3_run, tmp_path):
     line = fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s"), "gen.safetensors", "corrupt")
     assert str(gen) in line
     assert not (tmp_path / "s" / "00000.png").exists()
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", run, "--resume"),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 4, "--out", run, "--resume"),
                   "gen.safetensors", "corrupt")
     fails_cleanly(dmdr("finetune-rl", "--from", run, "--rl", "none", "--out", tmp_path / "rl"), "gen.safetensors")
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000002"]  # nothing was overwritten
@@ -183,11 +183,11 @@ def test_corrupt_checkpoint_is_one_clean_error(sd3_run, tmp_path):
     (run / "checkpoints/step-000002/state.json").write_text("{not json")
     fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s2"), "state.json", "not valid JSON")
     (run / "checkpoints/step-000002/state.json").unlink()
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--out", run, "--resume"), "no state.json")
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--out", run, "--resume"), "no state.json")
 
     opt = copy_run(sd3_run, tmp_path / "opt")
     (opt / "checkpoints/step-000002/optimizer.pt").write_bytes(b"garbage")
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 4, "--out", opt, "--resume"),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 4, "--out", opt, "--resume"),
                   "optimizer/rng state", "corrupt")
 
 
@@ -198,7 +198,7 @@ def test_foreign_family_checkpoint_is_refused(sd3_run, sdxl_run, tmp_path):
                   "trained with family 'sdxl'", "'sd3'")
     assert checkpoint_dirs(tmp_path / "rl") == []
     fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--out", tmp_path / "s"), "trained with family")
-    fails_cleanly(dmdr("distill", "--base", "tiny-sd3", "--max-steps", 200, "--out", run, "--resume"),
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 200, "--out", run, "--resume"),
                   "trained with family")
     # an adapter layout that does not match (other LoRA rank) is refused the same way
     fails_cleanly(dmdr("sample", "a red circle", "--ckpt", run, "--step", 2, "--out", tmp_path / "s3",
@@ -211,7 +211,7 @@ def test_nan_stops_with_exit_2_and_keeps_the_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 3, "--out", run, "--set", "distill.lr=1e30",
+        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 3, "--out", run, "--set", "distill.lr=1e30",
                    "--set", "distill.checkpoint_every=1", "--set", "distill.sample_every=0")
     line = fails_cleanly(res, "generator step 1", "checkpoints/step-000001")
     # the message is built without a torch warning (which would print source lines around the error line)
@@ -249,7 +249,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monke
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(Trainer, "inner_step", interrupt_on_8th)
-        res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run)
+        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run)
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "Traceback" not in res.output
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
@@ -258,7 +258,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monke
     assert {p.name for p in (run / "checkpoints/step-000001").iterdir()} == RUN_FILES
 
     # resuming mid-cycle reproduces the uninterrupted run bit for bit
-    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", 2, "--out", run, "--resume")
+    res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run, "--resume")
     ok(res)
     assert "resumed from step-000001 (k=1, j=7)" in res.output
     assert read_state(run / "checkpoints/step-000002")["j"] == 11
@@ -352,7 +352,7 @@ def test_two_process_accelerate_launch(tmp_path, dmdr_home, tiny_sd3_dir):
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "dmdr_cli", "distill", "--base", "tiny-sd3", "--out", str(run), "--max-steps", "2",
+           "-m", "dmdr_cli", "distill", "--base", "tiny-sd3-random", "--out", str(run), "--max-steps", "2",
            "--set", "runtime.device=cpu", "--set", "distill.sample_every=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -403,7 +403,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod.Trainer, "inner_step", poisoned)
     run = tmp_path / "run"
-    res = dmdr("distill", "--base", "tiny-sd3", "--max-steps", "3", "--out", str(run),
+    res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", "3", "--out", str(run),
                "--set", "distill.checkpoint_every=1", "--set", "distill.sample_every=0")
     assert res.exit_code == 2, res.output
     assert "non-finite" in res.output and "Traceback" not in res.output

@@ -16,8 +16,8 @@ def _load(preset: str, *sets: str):
 
 @pytest.fixture(scope="session")
 def sd3_loaded(tiny_sd3_dir):
-    """(resolved tiny-sd3 config, Bundle) on the CPU in fp32."""
-    return _load("tiny-sd3")
+    """(resolved tiny-sd3-random config, Bundle) on the CPU in fp32."""
+    return _load("tiny-sd3-random")
 
 
 @pytest.fixture(scope="session")

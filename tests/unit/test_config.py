@@ -25,7 +25,7 @@ from dmdr_cli.config.loader import (
 from dmdr_cli.config.schema import CHOICES, DmdrConfig, RewardSpec
 from dmdr_cli.errors import ConfigError
 
-PRESETS = ("sd3-medium", "sd3.5-large", "sd3.5-medium", "sdxl-base", "tiny-sd3", "tiny-sdxl")
+PRESETS = ("sd3-medium", "sd3.5-large", "sd3.5-medium", "sdxl-base", "tiny-sd3", "tiny-sd3-random", "tiny-sdxl")
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -45,25 +45,25 @@ def with_set(*items: str) -> DmdrConfig:
 
 
 def test_layering_precedence_schema_preset_file_set(tmp_path):
-    # schema: lr 1e-6, adam_eps 1e-8, ttur 5, max_steps 2000; preset tiny-sd3: lr 1e-4, max_steps 20
+    # schema: lr 1e-6, adam_eps 1e-8, ttur 5, max_steps 2000; preset tiny-sd3-random: lr 1e-4, max_steps 20
     f1 = write(tmp_path, "a.yaml", "distill:\n  lr: 3.0e-5\n  ttur: 7\n  batch_size: 3\n")
     f2 = write(tmp_path, "b.yaml", "distill:\n  ttur: 8\n")
-    cfg = resolve("tiny-sd3", [f1, f2], ["distill.batch_size=5", "distill.batch_size=6"])
+    cfg = resolve("tiny-sd3-random", [f1, f2], ["distill.batch_size=5", "distill.batch_size=6"])
     d = cfg.distill
     assert d.adam_eps == 1e-8          # schema default, untouched by every layer
     assert d.max_steps == 20           # preset beats the schema (2000)
     assert d.lr == 3e-5                # --config file beats the preset (1e-4)
     assert d.ttur == 8                 # the later --config file beats the earlier one
     assert d.batch_size == 6           # --set beats the files (3), and the later --set wins
-    assert cfg.name == "tiny-sd3"
+    assert cfg.name == "tiny-sd3-random"
 
-    no_layers = resolve("tiny-sd3")
+    no_layers = resolve("tiny-sd3-random")
     assert (no_layers.distill.lr, no_layers.distill.ttur, no_layers.distill.batch_size) == (1e-4, 5, 2)
 
 
 def test_default_base_is_tiny_sd3():
     cfg = resolve(None)
-    assert cfg.name == "tiny-sd3" and cfg.model.tiny == "sd3"
+    assert cfg.name == "tiny-sd3" and cfg.model.tiny == "digits" and cfg.model.resolution == 32
 
 
 def test_set_beats_config_file_for_the_same_key(tmp_path):
@@ -81,7 +81,7 @@ def test_scientific_notation_string_becomes_float(tmp_path):
     # YAML 1.1 (PyYAML) reads `1e-6` without a dot as a *string*; the loader must still make it a float
     assert yaml.safe_load("lr: 1e-6")["lr"] == "1e-6"
     f = write(tmp_path, "lr.yaml", "distill:\n  lr: 1e-6\n  lr_guide: 2e-8\n")
-    cfg = resolve("tiny-sd3", [f])
+    cfg = resolve("tiny-sd3-random", [f])
     assert cfg.distill.lr == 1e-6 and type(cfg.distill.lr) is float
     assert cfg.distill.lr_guide == 2e-8
 
@@ -95,7 +95,7 @@ def test_bool_words(raw, expected):
 
 def test_bool_from_yaml_file_words_and_digits(tmp_path):
     f = write(tmp_path, "b.yaml", "distill:\n  dynadg: off\nlora:\n  full_generator: 1\nruntime:\n  gradient_checkpointing: 0\n")
-    cfg = resolve("tiny-sd3", [f])
+    cfg = resolve("tiny-sd3-random", [f])
     assert cfg.distill.dynadg is False
     assert cfg.lora.full_generator is True
     assert cfg.runtime.gradient_checkpointing is False
@@ -120,7 +120,7 @@ def test_int_from_integral_strings_only():
 def test_int_rejects_bool_from_yaml(tmp_path):
     f = write(tmp_path, "i.yaml", "distill:\n  ttur: true\n")
     with pytest.raises(ConfigError, match="distill.ttur must be of type int, got True"):
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
 
 
 def test_lists_parsed_as_yaml():
@@ -177,7 +177,7 @@ def test_reward_item_must_be_mapping_and_typed():
 def test_reward_items_from_config_file(tmp_path):
     f = write(tmp_path, "r.yaml", "finetune_rl:\n  rewards:\n    - {name: clip, weight: 1e-1, margin: ~}\n    - {name: hps, bogus: 1}\n")
     with pytest.raises(ConfigError, match=r"rewards\[1\]\.bogus"):
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
 
 
 # -- strictness: unknown keys, types, enums, ranges ------------------------------------------------------
@@ -193,12 +193,12 @@ def test_unknown_set_key_did_you_mean():
 def test_unknown_file_key_did_you_mean(tmp_path):
     f = write(tmp_path, "u.yaml", "student:\n  stepz: 2\n")
     with pytest.raises(ConfigError) as err:
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
     msg = str(err.value)
     assert f in msg and "unknown key 'student.stepz'" in msg and "Did you mean 'student.steps'?" in msg
     f2 = write(tmp_path, "s.yaml", "distil:\n  lr: 1.0\n")
     with pytest.raises(ConfigError, match="unknown key 'distil'"):
-        resolve("tiny-sd3", [f2])
+        resolve("tiny-sd3-random", [f2])
 
 
 def test_set_without_equals_and_section_as_leaf():
@@ -223,17 +223,17 @@ def test_wrong_type_message_names_key_and_type(item, key, typename):
 def test_wrong_type_in_file(tmp_path):
     f = write(tmp_path, "t.yaml", "model:\n  path: [a, b]\n")
     with pytest.raises(ConfigError, match="model.path must be of type str"):
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
 
 
 def test_enum_check():
     with pytest.raises(ConfigError) as err:
-        resolve("tiny-sd3", [], ["student.simulation=foo"])
+        resolve("tiny-sd3-random", [], ["student.simulation=foo"])
     msg = str(err.value)
     assert "student.simulation must be one of 'ode', 'sde'" in msg and "'foo'" in msg
     with pytest.raises(ConfigError, match="Did you mean 'beta_anneal'"):
-        resolve("tiny-sd3", [], ["distill.t_sampler=beta_anneel"])
-    assert resolve("tiny-sd3", [], ["student.simulation=sde"]).student.simulation == "sde"
+        resolve("tiny-sd3-random", [], ["distill.t_sampler=beta_anneel"])
+    assert resolve("tiny-sd3-random", [], ["student.simulation=sde"]).student.simulation == "sde"
 
 
 def test_every_enum_default_is_allowed():
@@ -250,17 +250,17 @@ def test_every_enum_default_is_allowed():
 ])
 def test_range_checks(item, text):
     with pytest.raises(ConfigError, match=text):
-        resolve("tiny-sd3", [], [item])
+        resolve("tiny-sd3-random", [], [item])
 
 
 def test_student_grid_length_and_values():
     with pytest.raises(ConfigError, match="student.grid has 2 values but student.steps is 4"):
-        resolve("tiny-sd3", [], ["student.grid=[1.0, 0.5]"])
+        resolve("tiny-sd3-random", [], ["student.grid=[1.0, 0.5]"])
     with pytest.raises(ConfigError, match=r"student.grid values must be numbers in \(0, 1\]"):
-        resolve("tiny-sd3", [], ["student.steps=2", "student.grid=[1.0, 0.0]"])
+        resolve("tiny-sd3-random", [], ["student.steps=2", "student.grid=[1.0, 0.0]"])
     with pytest.raises(ConfigError, match=r"student.grid values must be numbers in \(0, 1\]"):
-        resolve("tiny-sd3", [], ["student.steps=2", "student.grid=[1.5, 0.5]"])
-    ok = resolve("tiny-sd3", [], ["student.steps=2", "student.grid=[1.0, 0.5]"])
+        resolve("tiny-sd3-random", [], ["student.steps=2", "student.grid=[1.5, 0.5]"])
+    ok = resolve("tiny-sd3-random", [], ["student.steps=2", "student.grid=[1.0, 0.5]"])
     assert ok.student.grid == [1.0, 0.5]
 
 
@@ -344,7 +344,7 @@ def test_sdxl_base_numbers():
 def test_sd35_medium_and_tiny_numbers():
     c = resolve("sd3.5-medium")
     assert (c.distill.real_cfg, c.teacher.guidance, c.model.shift, c.model.resolution) == (4.5, 4.5, 3.0, 512)
-    t = resolve("tiny-sd3")
+    t = resolve("tiny-sd3-random")
     assert (t.model.tiny, t.model.resolution, t.model.dtype, t.model.hub_id) == ("sd3", 64, "fp32", "")
     x = resolve("tiny-sdxl")
     assert (x.model.tiny, x.student.steps, x.student.grid, x.distill.dynadg) == ("sdxl", 1, [0.399], False)
@@ -437,29 +437,29 @@ def test_yaml_file_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_yaml(f)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
     f2 = write(tmp_path, "sec.yaml", "distill: 3\n")
     with pytest.raises(ConfigError, match="'distill' must be a mapping"):
-        resolve("tiny-sd3", [f2])
+        resolve("tiny-sd3-random", [f2])
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):
     f = write(tmp_path, "bad.yaml", "distill:\n  lr: [1, 2\n")
     with pytest.raises(ConfigError, match=r"not valid YAML \(line \d+\)"):
-        resolve("tiny-sd3", [f])
+        resolve("tiny-sd3-random", [f])
     with pytest.raises(ConfigError, match="config file not found"):
-        resolve("tiny-sd3", [str(tmp_path / "missing.yaml")])
+        resolve("tiny-sd3-random", [str(tmp_path / "missing.yaml")])
 
 
 def test_empty_file_and_empty_section_are_no_ops(tmp_path):
     empty = write(tmp_path, "empty.yaml", "")
     commented = write(tmp_path, "commented.yaml", "distill:\n  # lr: 1.0e-3\nmodel:\n  shift: 4.0\n")
-    assert resolve("tiny-sd3", [empty]) == resolve("tiny-sd3")
-    cfg = resolve("tiny-sd3", [commented])
-    assert cfg.model.shift == 4.0 and cfg.distill == resolve("tiny-sd3").distill
+    assert resolve("tiny-sd3-random", [empty]) == resolve("tiny-sd3-random")
+    cfg = resolve("tiny-sd3-random", [commented])
+    assert cfg.model.shift == 4.0 and cfg.distill == resolve("tiny-sd3-random").distill
 
 
 def test_copied_preset_validates_as_config_file(tmp_path):
     for name in PRESETS:
         out = presets.copy(name, tmp_path / f"{name}.yaml")
-        assert resolve("tiny-sd3", [str(out)]).model.family == resolve(name).model.family
+        assert resolve("tiny-sd3-random", [str(out)]).model.family == resolve(name).model.family

@@ -62,6 +62,18 @@ def test_classifier_accuracy_cache_and_interface(clf):
     assert cache_path(seed=1, schedule="short") != clf.path != cache_path(schedule="full")
 
 
+def test_the_shipped_classifier_is_the_default_and_needs_no_training(tmp_path, monkeypatch):
+    """A fresh DMDR_HOME loads the shipped weights (their recorded key matches this code), accurate on held-out glyphs."""
+    from dmdr_cli.digits import classifier as C
+
+    monkeypatch.setenv("DMDR_HOME", str(tmp_path))
+    monkeypatch.setattr(C, "save_classifier", lambda *a, **k: pytest.fail("the shipped classifier was not used"))
+    shipped = C.load_classifier()
+    assert shipped.path == C.shipped_path() and shipped.meta["key"] == C.cache_key()
+    assert shipped.meta["heldout_accuracy"] >= 0.97 and evaluate_accuracy(shipped.net, "test", heights=(14,)) >= 0.96
+    assert not (tmp_path / "cache").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Detector
 # --------------------------------------------------------------------------------------------------------------

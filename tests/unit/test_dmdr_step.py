@@ -1,4 +1,4 @@
-"""The DMDR inner step (ALGORITHM.md 3.1-3.3) on tiny-sd3 / tiny-sdxl with seeded generators.
+"""The DMDR inner step (ALGORITHM.md 3.1-3.3) on tiny-sd3-random / tiny-sdxl with seeded generators.
 
 Every random draw of the step comes from one explicit ``torch.Generator``; the tests clone its state
 (``g2.set_state(g.get_state())``) to recompute the same draws by hand.
@@ -55,7 +55,7 @@ class Setup:
         return self.fam.latent_shape(self.bundle, self.cfg.model.resolution)
 
 
-def make(preset: str = "tiny-sd3", *sets: str) -> Setup:
+def make(preset: str = "tiny-sd3-random", *sets: str) -> Setup:
     cfg = resolve(preset, sets=list(sets))
     bundle = load_base(cfg)
     roles = build_roles(bundle, cfg)
@@ -118,8 +118,8 @@ def test_ode_simulation_and_generator_input(sd3):
 
 
 def test_generator_input_rows_follow_their_index():
-    fam = make_family(resolve("tiny-sd3"))
-    spec = student_spec(fam, resolve("tiny-sd3").student)
+    fam = make_family(resolve("tiny-sd3-random"))
+    spec = student_spec(fam, resolve("tiny-sd3-random").student)
     b = 16
     stack = [torch.full((b, 2, 3, 3), float(10 * (i + 1))) + torch.arange(b).view(-1, 1, 1, 1) for i in range(4)]
     g = torch.Generator().manual_seed(0)

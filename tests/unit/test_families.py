@@ -38,7 +38,7 @@ def test_sd3_x0_round_trip_clean_end_point(sd3_loaded, t):
     from dmdr_cli.families import make_family
     from dmdr_cli.config.loader import resolve
 
-    fam = make_family(resolve("tiny-sd3", [], ["model.x0_end=0"]))
+    fam = make_family(resolve("tiny-sd3-random", [], ["model.x0_end=0"]))
     assert fam.x0_end == 0.0
     x0, eps = latents(sd3_loaded[1], 2, 1), latents(sd3_loaded[1], 2, 2)
     tt = torch.full((2,), t)
@@ -243,7 +243,7 @@ def test_sd3_time_input_stays_exact_in_bf16(tiny_sd3_dir):
     from dmdr_cli.config.loader import resolve
     from dmdr_cli.families.loading import load_base
 
-    bundle = load_base(resolve("tiny-sd3", [], ["model.dtype=bf16", "runtime.device=cpu"]))
+    bundle = load_base(resolve("tiny-sd3-random", [], ["model.dtype=bf16", "runtime.device=cpu"]))
     assert next(bundle.network.parameters()).dtype == torch.bfloat16
     fam = bundle.family
     x = latents(bundle, 2).to(torch.bfloat16)
@@ -354,3 +354,38 @@ def test_tiny_folders_reload_through_stock_diffusers(request, kind, cls_name, ne
     a, b = getattr(pipe, net_attr).state_dict(), ours.network.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as our loader reads
+
+
+def test_sd3_without_t5_compacts_the_zero_tokens_exactly():
+    """The shipped digits teacher has no T5: dmdr encodes ONE zero token with +log N on its logit; the prediction
+    equals stock diffusers' with N = max_sequence_length zero tokens and the default attention processor."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from dmdr_cli.config.loader import resolve
+    from dmdr_cli.families.loading import load_base
+    from dmdr_cli.families.sd3 import ZeroTokenAttnProcessor
+
+    cfg = resolve("tiny-sd3", [], ["runtime.device=cpu"])
+    bundle = load_base(cfg)
+    fam, net = bundle.family, bundle.network
+    assert not bundle.info["t5"] and isinstance(next(iter(net.attn_processors.values())), ZeroTokenAttnProcessor)
+    prompts = ["a photo of a red 3 and a blue 7", ""]
+    compact = fam.encode_prompts(bundle, prompts)
+    assert compact.tensors["encoder_hidden_states"].shape[1] == 16 + 1  # 16 CLIP tokens + one zero token
+    embeds, _, pooled, _ = bundle.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, prompt_3=prompts,
+                                                     device=bundle.device, do_classifier_free_guidance=False,
+                                                     max_sequence_length=fam.max_sequence_length)
+    full = Cond({"encoder_hidden_states": embeds, "pooled_projections": pooled})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *fam.latent_shape(bundle, 32), generator=g)
+    t = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        fast = fam.predict(net, x, t, compact)
+        procs = net.attn_processors
+        net.set_attn_processor(JointAttnProcessor2_0())
+        try:
+            ref = fam.predict(net, x, t, full)
+        finally:
+            net.set_attn_processor(procs)
+    assert embeds.shape[1] == 16 + fam.max_sequence_length
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ from dmdr_cli.recipes.distill import run
 
 
 def _train(tmp_path, name: str, checkpointing: bool):
-    cfg = resolve("tiny-sd3", [], ["distill.max_steps=1", "distill.sample_every=0", "runtime.device=cpu",
+    cfg = resolve("tiny-sd3-random", [], ["distill.max_steps=1", "distill.sample_every=0", "runtime.device=cpu",
                                    f"runtime.gradient_checkpointing={str(checkpointing).lower()}"])
     last = run(cfg, tmp_path / name)
     return load_groups(last)

@@ -1,6 +1,6 @@
 """The adapter layout on one frozen base (ALGORITHM.md 2.1, 2.2, 12.8; ENVIRONMENT.md "PEFT: two adapters").
 
-Every test builds a fresh tiny-sd3 base with ``recipes.distill.build_roles`` (a few hundred ms), so tests can
+Every test builds a fresh tiny-sd3-random base with ``recipes.distill.build_roles`` (a few hundred ms), so tests can
 perturb adapters freely.
 """
 
@@ -20,7 +20,7 @@ ROLE_STATES = [("gen", None), ("fake", None), ("real", 0.5), ("real", 0.0), ("te
 
 
 def _setup(*sets: str):
-    cfg = resolve("tiny-sd3", sets=list(sets))
+    cfg = resolve("tiny-sd3-random", sets=list(sets))
     bundle = load_base(cfg)
     roles = build_roles(bundle, cfg)
     fam = bundle.family
@@ -204,7 +204,7 @@ def test_switches_keep_trainable_flags(sd3):
 # -- memory: one base, no copies --------------------------------------------------------------------------
 
 def test_shared_layout_holds_one_base():
-    cfg = resolve("tiny-sd3")
+    cfg = resolve("tiny-sd3-random")
     bundle = load_base(cfg)
     net = bundle.network
     alone = unique_storage_bytes([net])
@@ -225,7 +225,7 @@ def test_shared_layout_holds_one_base():
 
 
 def test_full_generator_is_detected_as_a_copy():
-    cfg = resolve("tiny-sd3", sets=["lora.full_generator=true"])
+    cfg = resolve("tiny-sd3-random", sets=["lora.full_generator=true"])
     bundle = load_base(cfg)
     net = bundle.network
     alone = unique_storage_bytes([net])

@@ -153,7 +153,7 @@ def test_cps_coefficients():
     assert c * c + s * s == pytest.approx(1.0)
 
 
-# -- the CPS policy step on tiny-sd3 -----------------------------------------------------------------------
+# -- the CPS policy step on tiny-sd3-random -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sd3_policy():
@@ -165,7 +165,7 @@ def sd3_policy():
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = resolve("tiny-sd3", sets=["model.x0_end=0"])  # clean end point: x_t = (1-t) x0 + t eps exactly
+    cfg = resolve("tiny-sd3-random", sets=["model.x0_end=0"])  # clean end point: x_t = (1-t) x0 + t eps exactly
     bundle = load_base(cfg)
     roles = build_roles(bundle, cfg)
     spec = student_spec(bundle.family, cfg.student)

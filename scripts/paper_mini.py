@@ -1,0 +1,215 @@
+"""The DMDR paper's claims in miniature on the digits world (``make paper-mini``; not part of CI).
+
+    python scripts/paper_mini.py --out docs/results            # the committed tables (about an hour on 2 cores)
+    python scripts/paper_mini.py --out /tmp/pm --quick          # plumbing check in a few minutes
+
+Everything goes through the ``dmdr`` command line (``python -m dmdr_cli``), exactly as a user would run it, on the
+``tiny-sd3`` preset (the shipped digits-world teacher) with fixed seeds:
+
+1. **Cold-start ablation** (paper Table 4 / Fig. 5 shape): four stage-1 runs of the same length -- vanilla DMD
+   (``distill.dynadg=false distill.t_sampler=uniform``), + DynaDG, + DynaRS, both -- each evaluated at every
+   checkpoint with ``dmdr eval --bench digits`` (held-out GenEval-digits, digits-FID, digit-cls reward).
+2. **Stage-2 ablation** (paper Table 3 shape) from the "both" run: distillation only (``--rl none``), RL only
+   (``--rl refl --set finetune_rl.dmd_weight=0``), distillation + ReFL, + DPO, + GRPO, all for the same number
+   of generator steps, next to the teacher (28 steps, CFG) and the untrained 4-step student ("init").
+
+Writes ``<out>/paper-mini.md`` (tables, the exact commands, timings), ``<out>/paper-mini.json`` (all numbers),
+``<out>/cold-start-geneval.png`` / ``cold-start-fid.png`` (curves) and ``<out>/stage2-samples.png`` (one row
+per variant, same prompts and seeds). Work directories go to ``<out>/work`` (not committed; delete freely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLD_START = {
+    "vanilla DMD": ["distill.dynadg=false", "distill.t_sampler=uniform"],
+    "+ DynaDG": ["distill.t_sampler=uniform"],
+    "+ DynaRS": ["distill.dynadg=false"],
+    "+ DynaDG + DynaRS": [],
+}
+STAGE2 = {
+    "distillation only": ["--rl", "none"],
+    "RL only (ReFL)": ["--rl", "refl", "--set", "finetune_rl.dmd_weight=0"],
+    "distillation + ReFL": ["--rl", "refl"],
+    "distillation + DPO": ["--rl", "dpo"],
+    "distillation + GRPO": ["--rl", "grpo"],
+}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+class Runner:
+    def __init__(self, log_path: Path) -> None:
+        self.commands: list[str] = []
+        self.log_path = log_path
+
+    def dmdr(self, *args: str) -> float:
+        cmd = [sys.executable, "-m", "dmdr_cli", *args]
+        shown = "dmdr " + " ".join(shlex.quote(a) for a in args)
+        self.commands.append(shown)
+        print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
+        t0 = time.time()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        with open(self.log_path, "a") as log:
+            log.write(f"\n$ {shown}\n")
+            log.flush()
+            res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if res.returncode != 0:
+            raise SystemExit(f"failed ({res.returncode}): {shown}; see {self.log_path}")
+        return time.time() - t0
+
+
+def sets(items: list[str]) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+def evaluate(r: Runner, ckpt: Path, out: Path, prompts: int, extra: list[str] = ()) -> dict:
+    if not (out / "eval.json").is_file():
+        r.dmdr("eval", "--bench", "digits", "--ckpt", str(ckpt), "--max-prompts", str(prompts), "--out", str(out),
+               *extra)
+    data = json.loads((out / "eval.json").read_text())
+    return data
+
+
+def row(result: dict) -> dict:
+    ge = result["geneval"]
+    return {"geneval": ge["overall"], **{t: ge["tasks"].get(t, {}).get("accuracy") for t in TAGS},
+            "fid": result["fid"], "reward": result["reward"]}
+
+
+def fmt(v, nd: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def table(rows: dict[str, dict], extra_cols: tuple[str, ...] = ()) -> list[str]:
+    cols = ["GenEval-digits", *TAGS, "digits-FID", "digit-cls reward", *extra_cols]
+    keys = ["geneval", *TAGS, "fid", "reward", *extra_cols]
+    out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        out.append(f"| {name} | " + " | ".join(fmt(r.get(k), 1 if k == "fid" else 3) for k in keys) + " |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--stage1", type=int, default=120, help="stage-1 generator steps per cold-start variant")
+    ap.add_argument("--stage2", type=int, default=40, help="stage-2 generator steps per RL variant")
+    ap.add_argument("--evals", type=int, default=4, help="evaluations along each stage-1 run")
+    ap.add_argument("--prompts", type=int, default=60, help="held-out prompts per evaluation (4 images each)")
+    ap.add_argument("--quick", action="store_true", help="tiny run to check the plumbing (numbers meaningless)")
+    ap.add_argument("--fresh", action="store_true", help="delete <out>/work first (default: reuse finished runs)")
+    args = ap.parse_args()
+    if args.quick:
+        args.stage1, args.stage2, args.evals, args.prompts = 4, 2, 2, 6
+    out = Path(args.out).resolve()
+    work = out / "work"
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    r = Runner(work / "commands.log")
+    t_start = time.time()
+    every = max(1, args.stage1 // args.evals)
+    common1 = sets([f"distill.max_steps={args.stage1}", f"distill.dynamic_steps={args.stage1}",
+                    f"distill.checkpoint_every={every}", f"distill.keep_last={args.evals + 1}"])
+
+    # 1. cold start ------------------------------------------------------------------------------------------
+    curves: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for i, (name, overrides) in enumerate(COLD_START.items()):
+        run = work / f"stage1-{i}"
+        if not (run / "checkpoints" / f"step-{args.stage1:06d}").is_dir():
+            shutil.rmtree(run, ignore_errors=True)
+            seconds[name] = r.dmdr("distill", "--base", "tiny-sd3", "--steps", "4", "--out", str(run),
+                                   *common1, *sets(overrides))
+        points = []
+        for step in range(every, args.stage1 + 1, every):
+            data = evaluate(r, run, run / "eval" / f"step-{step}", args.prompts, ["--step", str(step)])
+            points.append({"step": step, **row(data["results"]["student"])})
+        curves[name] = points
+
+    # 2. stage 2 -------------------------------------------------------------------------------------------
+    base_run = work / f"stage1-{len(COLD_START) - 1}"
+    stage2: dict[str, dict] = {}
+    ref = evaluate(r, base_run, work / "eval-stage1-teacher", args.prompts,
+                   ["--step", str(args.stage1), "--compare", "teacher"])
+    init = evaluate(r, ROOT / "dmdr_cli" / "assets" / "digits-teacher", work / "eval-init", args.prompts,
+                    ["--base", "tiny-sd3"])
+    stage2["teacher (28 steps, CFG 4)"] = row(ref["results"]["teacher"])
+    stage2["init (teacher weights, 4 steps)"] = row(init["results"]["student"])
+    stage2[f"stage 1 ({args.stage1} steps)"] = row(ref["results"]["student"])
+    samples = {"teacher": ref, "init": init, "stage 1": ref}
+    for i, (name, flags) in enumerate(STAGE2.items()):
+        run = work / f"stage2-{i}"
+        if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*")):
+            shutil.rmtree(run, ignore_errors=True)
+            seconds[name] = r.dmdr("finetune-rl", "--from", str(base_run), *flags, "--out", str(run),
+                                   *sets([f"finetune_rl.max_steps={args.stage2}",
+                                          f"finetune_rl.checkpoint_every={args.stage2}"]))
+        data = evaluate(r, run, run / "eval" / "final", args.prompts)
+        stage2[name] = row(data["results"]["student"])
+        samples[name] = data
+
+    # 3. write ---------------------------------------------------------------------------------------------
+    from dmdr_cli.evaluation.plots import line_chart
+
+    line_chart({k: [(p["step"], p["geneval"]) for p in v] for k, v in curves.items()}, out / "cold-start-geneval.png",
+               title="cold start: held-out GenEval-digits", xlabel="generator step", ylabel="GenEval-digits")
+    line_chart({k: [(p["step"], p["fid"]) for p in v] for k, v in curves.items()}, out / "cold-start-fid.png",
+               title="cold start: digits-FID (lower is better)", xlabel="generator step", ylabel="digits-FID")
+    _sample_rows(samples, out / "stage2-samples.png")
+    minutes = (time.time() - t_start) / 60
+    result = {"args": vars(args), "cold_start": curves, "stage2": stage2, "seconds": seconds, "minutes": minutes,
+              "commands": r.commands}
+    (out / "paper-mini.json").write_text(json.dumps(result, indent=2))
+    last = {k: v[-1] for k, v in curves.items()}
+    lines = ["# DMDR in miniature: the digits world", "",
+             f"Generated by `python scripts/paper_mini.py --out {args.out}"
+             + (" --quick" if args.quick else "") + f"` ({minutes:.0f} min on this machine). "
+             f"Model: the shipped `tiny-sd3` digits teacher; {args.prompts} held-out prompts x 4 images per "
+             "evaluation; all seeds fixed.", "",
+             f"## Cold start (stage 1, {args.stage1} generator steps, evaluated at step {args.stage1})", "",
+             *table(last), "", "![GenEval-digits during stage 1](cold-start-geneval.png)",
+             "![digits-FID during stage 1](cold-start-fid.png)", "",
+             f"## Stage 2 ({args.stage2} generator steps from the '+ DynaDG + DynaRS' stage-1 run)", "",
+             *table(stage2), "", "![samples](stage2-samples.png)", "",
+             "Sample rows, top to bottom: " + ", ".join(samples) + " (first 8 held-out prompts, image 0).", "",
+             "## Commands", "", "```bash", *r.commands, "```", ""]
+    (out / "paper-mini.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'paper-mini.md'}")
+
+
+def _sample_rows(evals: dict[str, dict], path: Path) -> None:
+    """One row per variant (its student, or the teacher), the first 8 held-out prompts, image 0 of each."""
+    from PIL import Image
+
+    rows = []
+    for name, data in evals.items():
+        key = "teacher" if name == "teacher" else "student"
+        root = Path(data["request"]["out_dir"]) / key / "images"
+        rows.append([Image.open(root / f"{i:05d}" / "samples" / "0000.png").convert("RGB") for i in range(8)
+                     if (root / f"{i:05d}" / "samples" / "0000.png").is_file()])
+    rows = [r for r in rows if r]
+    if not rows:
+        return
+    s = 96
+    grid = Image.new("RGB", (len(rows[0]) * (s + 4) + 4, len(rows) * (s + 4) + 4), "white")
+    for y, images in enumerate(rows):
+        for x, im in enumerate(images):
+            grid.paste(im.resize((s, s), Image.NEAREST), (4 + x * (s + 4), 4 + y * (s + 4)))
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    main()
