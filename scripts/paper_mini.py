@@ -1,6 +1,6 @@
 """The DMDR paper's claims in miniature on the digits world (``make paper-mini``; not part of CI).
 
-    python scripts/paper_mini.py --out docs/results            # the committed tables (about an hour on 2 cores)
+    python scripts/paper_mini.py --out docs/results            # the committed tables (about 30 min on 2 cores)
     python scripts/paper_mini.py --out /tmp/pm --quick          # plumbing check in a few minutes
 
 Everything goes through the ``dmdr`` command line (``python -m dmdr_cli``), exactly as a user would run it, on the
@@ -27,7 +27,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,23 +52,32 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 
 
 class Runner:
-    def __init__(self, log_path: Path) -> None:
-        self.commands: list[str] = []
-        self.log_path = log_path
+    """Runs ``dmdr`` commands; with ``jobs > 1`` callers run several at once, each with
+    ``OMP_NUM_THREADS = cores // jobs`` (on 2 cores two 1-thread runs finish in about the time of one 2-thread run:
+    these networks are too small to use two threads well). Results do not depend on the thread count beyond float
+    rounding."""
 
-    def dmdr(self, *args: str) -> float:
+    def __init__(self, log_dir: Path, jobs: int = 1) -> None:
+        self.commands: list[str] = []
+        self.log_dir = log_dir
+        self.threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+        self._lock = threading.Lock()
+
+    def dmdr(self, *args: str, log: str = "commands") -> float:
         cmd = [sys.executable, "-m", "dmdr_cli", *args]
         shown = "dmdr " + " ".join(shlex.quote(a) for a in args)
-        self.commands.append(shown)
-        print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
+        with self._lock:
+            self.commands.append(shown)
+            print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
         t0 = time.time()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        with open(self.log_path, "a") as log:
-            log.write(f"\n$ {shown}\n")
-            log.flush()
-            res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
+        log_path = self.log_dir / f"{log}.log"
+        with open(log_path, "a") as fh:
+            fh.write(f"\n$ {shown}\n")
+            fh.flush()
+            res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         if res.returncode != 0:
-            raise SystemExit(f"failed ({res.returncode}): {shown}; see {self.log_path}")
+            raise SystemExit(f"failed ({res.returncode}): {shown}; see {log_path}")
         return time.time() - t0
 
 
@@ -74,10 +85,10 @@ def sets(items: list[str]) -> list[str]:
     return [x for item in items for x in ("--set", item)]
 
 
-def evaluate(r: Runner, ckpt: Path, out: Path, prompts: int, extra: list[str] = ()) -> dict:
+def evaluate(r: Runner, ckpt: Path, out: Path, prompts: int, extra: list[str] = (), log: str = "commands") -> dict:
     if not (out / "eval.json").is_file():
         r.dmdr("eval", "--bench", "digits", "--ckpt", str(ckpt), "--max-prompts", str(prompts), "--out", str(out),
-               *extra)
+               *extra, log=log)
     data = json.loads((out / "eval.json").read_text())
     return data
 
@@ -104,12 +115,13 @@ def table(rows: dict[str, dict], extra_cols: tuple[str, ...] = ()) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--stage1", type=int, default=120, help="stage-1 generator steps per cold-start variant")
-    ap.add_argument("--stage2", type=int, default=40, help="stage-2 generator steps per RL variant")
+    ap.add_argument("--stage1", type=int, default=100, help="stage-1 generator steps per cold-start variant")
+    ap.add_argument("--stage2", type=int, default=80, help="stage-2 generator steps per RL variant")
     ap.add_argument("--evals", type=int, default=4, help="evaluations along each stage-1 run")
     ap.add_argument("--prompts", type=int, default=60, help="held-out prompts per evaluation (4 images each)")
     ap.add_argument("--quick", action="store_true", help="tiny run to check the plumbing (numbers meaningless)")
     ap.add_argument("--fresh", action="store_true", help="delete <out>/work first (default: reuse finished runs)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")
     args = ap.parse_args()
     if args.quick:
         args.stage1, args.stage2, args.evals, args.prompts = 4, 2, 2, 6
@@ -118,48 +130,58 @@ def main() -> None:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    r = Runner(work / "commands.log")
+    r = Runner(work, args.jobs)
     t_start = time.time()
     every = max(1, args.stage1 // args.evals)
     common1 = sets([f"distill.max_steps={args.stage1}", f"distill.dynamic_steps={args.stage1}",
                     f"distill.checkpoint_every={every}", f"distill.keep_last={args.evals + 1}"])
 
     # 1. cold start ------------------------------------------------------------------------------------------
-    curves: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
-    for i, (name, overrides) in enumerate(COLD_START.items()):
-        run = work / f"stage1-{i}"
+
+    def cold_start(i: int, name: str, overrides: list[str]) -> list[dict]:
+        run, log = work / f"stage1-{i}", f"stage1-{i}"
         if not (run / "checkpoints" / f"step-{args.stage1:06d}").is_dir():
             shutil.rmtree(run, ignore_errors=True)
             seconds[name] = r.dmdr("distill", "--base", "tiny-sd3", "--steps", "4", "--out", str(run),
-                                   *common1, *sets(overrides))
+                                   *common1, *sets(overrides), log=log)
         points = []
         for step in range(every, args.stage1 + 1, every):
-            data = evaluate(r, run, run / "eval" / f"step-{step}", args.prompts, ["--step", str(step)])
+            data = evaluate(r, run, run / "eval" / f"step-{step}", args.prompts, ["--step", str(step)], log=log)
             points.append({"step": step, **row(data["results"]["student"])})
-        curves[name] = points
+        return points
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {name: pool.submit(cold_start, i, name, ov) for i, (name, ov) in enumerate(COLD_START.items())}
+        curves: dict[str, list[dict]] = {name: f.result() for name, f in futures.items()}
 
     # 2. stage 2 -------------------------------------------------------------------------------------------
     base_run = work / f"stage1-{len(COLD_START) - 1}"
-    stage2: dict[str, dict] = {}
-    ref = evaluate(r, base_run, work / "eval-stage1-teacher", args.prompts,
-                   ["--step", str(args.stage1), "--compare", "teacher"])
-    init = evaluate(r, ROOT / "dmdr_cli" / "assets" / "digits-teacher", work / "eval-init", args.prompts,
-                    ["--base", "tiny-sd3"])
-    stage2["teacher (28 steps, CFG 4)"] = row(ref["results"]["teacher"])
-    stage2["init (teacher weights, 4 steps)"] = row(init["results"]["student"])
-    stage2[f"stage 1 ({args.stage1} steps)"] = row(ref["results"]["student"])
-    samples = {"teacher": ref, "init": init, "stage 1": ref}
-    for i, (name, flags) in enumerate(STAGE2.items()):
-        run = work / f"stage2-{i}"
+
+    def stage2_run(i: int, name: str, flags: list[str]) -> dict:
+        run, log = work / f"stage2-{i}", f"stage2-{i}"
         if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*")):
             shutil.rmtree(run, ignore_errors=True)
             seconds[name] = r.dmdr("finetune-rl", "--from", str(base_run), *flags, "--out", str(run),
                                    *sets([f"finetune_rl.max_steps={args.stage2}",
-                                          f"finetune_rl.checkpoint_every={args.stage2}"]))
-        data = evaluate(r, run, run / "eval" / "final", args.prompts)
-        stage2[name] = row(data["results"]["student"])
-        samples[name] = data
+                                          f"finetune_rl.checkpoint_every={args.stage2}"]), log=log)
+        return evaluate(r, run, run / "eval" / "final", args.prompts, log=log)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        ref_f = pool.submit(evaluate, r, base_run, work / "eval-stage1-teacher", args.prompts,
+                            ["--step", str(args.stage1), "--compare", "teacher"], "reference")
+        init_f = pool.submit(evaluate, r, ROOT / "dmdr_cli" / "assets" / "digits-teacher", work / "eval-init",
+                             args.prompts, ["--base", "tiny-sd3"], "reference")
+        futures = {name: pool.submit(stage2_run, i, name, fl) for i, (name, fl) in enumerate(STAGE2.items())}
+        ref, init = ref_f.result(), init_f.result()
+        stage2: dict[str, dict] = {"teacher (28 steps, CFG 4)": row(ref["results"]["teacher"]),
+                                   "init (teacher weights, 4 steps)": row(init["results"]["student"]),
+                                   f"stage 1 ({args.stage1} steps)": row(ref["results"]["student"])}
+        samples = {"teacher": ref, "init": init, "stage 1": ref}
+        for name, f in futures.items():
+            data = f.result()
+            stage2[name] = row(data["results"]["student"])
+            samples[name] = data
 
     # 3. write ---------------------------------------------------------------------------------------------
     from dmdr_cli.evaluation.plots import line_chart

@@ -23,6 +23,7 @@ class ImageGenerator:
     spec: SamplerSpec
     resolution: int
     roles: object | None = None
+    network: torch.nn.Module | None = None  # a network other than ``bundle.network`` (a baked student)
     seconds: float = 0.0
     images: int = 0
     _uncond: object = field(default=None, repr=False)
@@ -39,7 +40,10 @@ class ImageGenerator:
         fam = self.bundle.family
         if self.spec.guidance > 1.0 and self._uncond is None:
             self._uncond = fam.encode_prompts(self.bundle, [""])
-        ctx = self.roles.role("gen") if self.roles is not None else nullcontext(self.bundle.network)
+        if self.roles is not None:
+            ctx = self.roles.role("gen")
+        else:
+            ctx = nullcontext(self.network if self.network is not None else self.bundle.network)
         t0 = time.perf_counter()
         with ctx as net:
             imgs = generate(self.bundle, net, self.spec, prompts, seeds, self.resolution, self._uncond)
@@ -58,15 +62,15 @@ class ImageGenerator:
 
 
 def student_of_run(cfg, run_dir: Path, step: int | None = None) -> ImageGenerator:
-    """The student (gen adapter) of a dmdr run on its training grid, guidance-free."""
+    """The student of a dmdr run (gen adapter merged into the weights) on its training grid, guidance-free."""
     from dmdr_cli.engine.checkpoint import latest
-    from dmdr_cli.engine.student import load_student
+    from dmdr_cli.engine.student import load_student_for_inference
 
     ckpt = latest(run_dir, step)
-    bundle, roles, _ = load_student(cfg, ckpt)
+    bundle, net = load_student_for_inference(cfg, ckpt)
     spec = student_spec(bundle.family, cfg.student)
     return ImageGenerator(f"student {cfg.student.steps}-step ({Path(run_dir).name}@{ckpt.name})", bundle, spec,
-                          cfg.model.resolution, roles=roles)
+                          cfg.model.resolution, network=net)
 
 
 def teacher_of(cfg, bundle=None) -> ImageGenerator:

@@ -30,3 +30,10 @@ def load_student(cfg, ckpt: Path, device=None):
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit its run's config: {exc}",
                                       "the run directory was modified; use the config.yaml it was trained with") from None
     return bundle, roles, state
+
+
+def load_student_for_inference(cfg, ckpt: Path, device=None):
+    """(bundle, network): the checkpoint's student merged into a plain network (``Roles.bake_generator``), for
+    sampling and evaluation only; training and ``export`` keep the adapters (``load_student``)."""
+    bundle, roles, _ = load_student(cfg, ckpt, device=device)
+    return bundle, roles.bake_generator()

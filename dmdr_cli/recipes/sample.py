@@ -53,10 +53,10 @@ def run(cfg, req: SampleRequest, on_progress: Callable[[int, int], None] | None 
 
     guidance = req.guidance
     if req.student_ckpt is not None:  # a trained student: its own grid, no CFG unless asked
-        from dmdr_cli.engine.student import load_student
+        from dmdr_cli.engine.student import load_student_for_inference
 
-        bundle, roles, _ = load_student(cfg, req.student_ckpt)
-        net_ctx = roles.role("gen")
+        bundle, student_net = load_student_for_inference(cfg, req.student_ckpt)
+        net_ctx = nullcontext(student_net)
         spec = student_spec(bundle.family, cfg.student, req.steps or cfg.student.steps, guidance or 1.0)
         kind = f"student@{req.student_ckpt.name}"
     else:

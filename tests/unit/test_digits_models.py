@@ -211,6 +211,54 @@ def test_reward_multi_digit_terms(reward):
     assert (x.grad.flatten(1).abs().sum(dim=1) > 0).all()
 
 
+def test_reward_ink_term_penalises_faded_digits(reward):
+    """The classifier is brightness-invariant; the ink term is what makes a faded digit score lower."""
+    from dmdr_cli.digits.reward import DigitClsReward
+
+    x = torch.stack([_single(d, seed=d) for d in range(4)])
+    prompts = [f"a photo of a {d}" for d in range(4)]
+    faded = x * 0.3  # peak 0.3: barely above the detector's foreground threshold
+    blind = DigitClsReward(reward.classifier, ink_weight=0.0)
+    bright, dim = reward(x, prompts), reward(faded, prompts)
+    # the ink term alone: 4 * 0.05 * softplus((0.6 - q) / 0.05), q = mean of the 5 brightest pixels (~0.3, so ~1.2)
+    q = faded.amax(dim=1).flatten(1).topk(5, dim=1).values.mean(dim=1)
+    expected = 4 * 0.05 * torch.nn.functional.softplus((0.6 - q) / 0.05)
+    assert (expected > 1.1).all()
+    torch.testing.assert_close(blind(faded, prompts) - dim, expected, atol=1e-4, rtol=0)
+    assert ((bright - dim) > 1.0).all(), (bright, dim)
+    assert (bright - blind(x, prompts)).abs().max() < 0.01  # a digit drawn at full brightness pays ~nothing
+    faded.requires_grad_(True)
+    reward(faded, prompts).sum().backward()
+    assert float((faded.grad * x).sum()) > 0  # the gradient brightens the strokes
+
+
+def test_reward_separation_term_penalises_merged_glyphs(reward):
+    """N digits drawn as fewer than N components score lower (constant deficit) and get a pull-apart gradient."""
+    from dmdr_cli.digits.reward import DigitClsReward
+
+    line = world._line("two_object", [{"class": "three", "count": 1}, {"class": "seven", "count": 1}])
+    x = torch.stack([_tensor(render(line, seed=s, size=32, split="test", as_array=True)[0]) for s in range(4)])
+    bridged = x.clone()
+    bridged[:, :, 15:17, :] = 1.0  # a white bar through the middle: joins side-by-side digits into one component
+    bridged[:, :, :, 15:17] = 1.0  # and a vertical one for stacked digits
+    n_comp = [len(world.segment(b.permute(1, 2, 0).numpy())[1]) for b in bridged]
+    merged = torch.tensor([n < 2 for n in n_comp])
+    assert merged.any(), n_comp
+    prompts = [line["prompt"]] * 4
+    plain = DigitClsReward(reward.classifier, separation_weight=0.0)
+    drop = plain(bridged, prompts) - reward(bridged, prompts)
+    # merged: deficit N - #components = 1 plus the mean brightness of the (all-white) centre band = 2
+    assert torch.allclose(drop[merged], torch.full_like(drop[merged], 2.0), atol=1e-5), (drop, n_comp)
+    assert (drop[~merged] == 0).all()
+    assert torch.allclose(plain(x, prompts), reward(x, prompts))  # separated digits: the term is off
+    sub = bridged[merged].clone().requires_grad_(True)
+    (reward(sub, prompts[: len(sub)]) - plain(sub, prompts[: len(sub)])).sum().backward()
+    band = torch.zeros(32, 32, dtype=torch.bool)
+    band[15:17, :] = True
+    band[:, 15:17] = True
+    assert float(sub.grad[:, :, band].sum()) < 0 and float(sub.grad[:, :, ~band].abs().sum()) == 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # FID extractor
 # --------------------------------------------------------------------------------------------------------------

@@ -335,3 +335,28 @@ def test_reference_is_a_frozen_copy_of_the_generator(sd3):
     roles.sync_reference()
     assert torch.equal(_out(bundle, roles, inputs, "ref"), gen_later)
     assert not any(p.requires_grad for p in ref.values())
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3-random", "tiny-sdxl"])
+def test_baked_generator_equals_the_gen_role_without_adapters(preset):
+    """Inference bakes the gen LoRA into the weights: same outputs, no adapter layers, guide gone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = resolve(preset)
+    bundle = load_base(cfg)
+    roles = build_roles(bundle, cfg)
+    fam = bundle.family
+    _perturb(roles.gen_parameters())
+    _perturb(roles.guide_parameters(), seed=8)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, *fam.latent_shape(bundle, cfg.model.resolution), generator=g)
+    t = torch.tensor([0.9, 0.4]) if fam.name == "sd3" else torch.tensor([900, 400])
+    cond = fam.encode_prompts(bundle, PROMPTS)
+    expected = _out(bundle, roles, (x, t, cond), "gen")
+    teacher = _out(bundle, roles, (x, t, cond), "teacher")
+    assert (expected - teacher).abs().max() > 1e-3  # the perturbed adapter matters
+    net = roles.bake_generator()
+    assert not any(isinstance(m, BaseTunerLayer) for m in net.modules())
+    with torch.no_grad():
+        got = fam.predict(net, x, t, cond)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
