@@ -291,8 +291,7 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
                     generate_geneval(gen, metadata, root, req, up)
                 with progress_factory(f"scoring ({name})", len(metadata)) as up:
                     results[name] = score_geneval(root, out / name, req, detector, up)
-                samples[name] = [root / f"{i:05d}" / "samples" / "0000.png" for i in range(min(8, len(metadata)))]
-                samples.setdefault("_prompts", [m["prompt"] for m in metadata[:8]])
+                _add_samples(samples, name, root, metadata, 8)
     elif req.bench == "rewards":
         from dmdr_cli.rewards.registry import build_reward
 
@@ -357,8 +356,7 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
                 generate_geneval(gen, metadata, root, req, up)
             with progress_factory(f"scoring ({name})", len(metadata)) as up:
                 results[name] = score_digits(root, out / name, req, detector, reward, ref, up)
-            samples[name] = [root / f"{i:05d}" / "samples" / "0000.png" for i in range(min(12, len(metadata)))]
-            samples.setdefault("_prompts", [m["prompt"] for m in metadata[:12]])
+            _add_samples(samples, name, root, metadata, 12)
     elif req.bench == "dpg":
         results, samples = _run_dpg(req, generators, progress_factory)
     else:
@@ -437,3 +435,22 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def spread_by_tag(metadata: list[dict], k: int) -> list[int]:
+    """Indices of up to ``k`` prompts taken round-robin over the GenEval tags (in order of first appearance), so a
+    report's sample grid shows every task instead of the first few prompts of one."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(metadata):
+        groups.setdefault(str(m.get("tag", "")), []).append(i)
+    picked: list[int] = []
+    for rank in range(max((len(g) for g in groups.values()), default=0)):
+        picked += [g[rank] for g in groups.values() if rank < len(g)]
+    return sorted(picked[:k])
+
+
+def _add_samples(samples: dict, name: str, root: Path, metadata: list[dict], k: int) -> None:
+    """Image 0 of prompts spread over the tags, for the side-by-side grid (same rows for every model)."""
+    idx = spread_by_tag(metadata, k)
+    samples[name] = [root / f"{i:05d}" / "samples" / "0000.png" for i in idx]
+    samples.setdefault("_prompts", [metadata[i]["prompt"] for i in idx])

@@ -478,3 +478,15 @@ def test_oracle_detections_on_shared_metadata(shared_metadata):
                 other = "red" if clause["color"] != "red" else "blue"
                 wrong = {**colours, victim: other}
                 assert not evaluate_detections(m, dets, color_of=lambda n, d: wrong[d])[0], (i, "colour", c_idx)
+
+
+def test_report_samples_are_spread_over_the_tags():
+    from dmdr_cli.recipes.evaluate import spread_by_tag
+
+    tags = ["single_object"] * 5 + ["two_object"] * 3 + ["counting"] * 1 + ["colors"] * 4
+    meta = [{"tag": t, "prompt": f"p{i}"} for i, t in enumerate(tags)]
+    # round-robin: first of each tag (0, 5, 8, 9), then second of each (1, 6, 10), ...
+    assert spread_by_tag(meta, 4) == [0, 5, 8, 9]
+    assert spread_by_tag(meta, 7) == [0, 1, 5, 6, 8, 9, 10]
+    assert spread_by_tag(meta, 100) == list(range(len(tags)))
+    assert spread_by_tag([], 3) == []

@@ -181,3 +181,14 @@ def test_return_x0s_in_ode_mode(sd3_loaded):
     assert len(x0s) == 3
     assert all(torch.equal(e, x) for e in x0s)
     assert torch.equal(run_sampler(fam, net, spec, cond, None, z), x)
+
+
+def test_seconds_per_image_leaves_out_the_warm_up_call():
+    from dmdr_cli.engine.generators import ImageGenerator
+
+    g = ImageGenerator(label="x", bundle=None, spec=None, resolution=32)
+    assert g.seconds_per_image != g.seconds_per_image  # nan before any call
+    g.calls = [(5.0, 4)]  # a single call is all there is: it counts
+    assert g.seconds_per_image == 5.0 / 4
+    g.calls = [(5.0, 4), (1.0, 4), (0.5, 2)]  # warm-up (first call) left out
+    assert g.seconds_per_image == 1.5 / 6
