@@ -65,7 +65,8 @@ class Runner:
 
     def dmdr(self, *args: str, log: str = "commands") -> float:
         cmd = [sys.executable, "-m", "dmdr_cli", *args]
-        shown = "dmdr " + " ".join(shlex.quote(a) for a in args)
+        # shown relative to the repository root (the commands run there), so the report reads the same anywhere
+        shown = ("dmdr " + " ".join(shlex.quote(a) for a in args)).replace(str(ROOT) + os.sep, "")
         with self._lock:
             self.commands.append(shown)
             print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
@@ -109,6 +110,17 @@ def table(rows: dict[str, dict], extra_cols: tuple[str, ...] = ()) -> list[str]:
     out = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in rows.items():
         out.append(f"| {name} | " + " | ".join(fmt(r.get(k), 1 if k == "fid" else 3) for k in keys) + " |")
+    return out
+
+
+def curve_table(curves: dict[str, list[dict]]) -> list[str]:
+    """GenEval-digits of each cold-start variant at every evaluated step, and the mean over them (one number per
+    variant that is less noisy than a single evaluation)."""
+    steps = [p["step"] for p in next(iter(curves.values()))]
+    out = ["| model | " + " | ".join(f"step {s}" for s in steps) + " | mean |", "|---|" + "---|" * (len(steps) + 1)]
+    for name, pts in curves.items():
+        vals = [p["geneval"] for p in pts]
+        out.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(sum(vals) / len(vals))} |")
     return out
 
 
@@ -202,7 +214,8 @@ def main() -> None:
              f"Model: the shipped `tiny-sd3` digits teacher; {args.prompts} held-out prompts x 4 images per "
              "evaluation; all seeds fixed.", "",
              f"## Cold start (stage 1, {args.stage1} generator steps, evaluated at step {args.stage1})", "",
-             *table(last), "", "![GenEval-digits during stage 1](cold-start-geneval.png)",
+             *table(last), "", "GenEval-digits along the runs:", "", *curve_table(curves), "",
+             "![GenEval-digits during stage 1](cold-start-geneval.png)",
              "![digits-FID during stage 1](cold-start-fid.png)", "",
              f"## Stage 2 ({args.stage2} generator steps from the '+ DynaDG + DynaRS' stage-1 run)", "",
              *table(stage2), "", "![samples](stage2-samples.png)", "",
