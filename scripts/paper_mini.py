@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--stage1", type=int, default=100, help="stage-1 generator steps per cold-start variant")
     ap.add_argument("--stage2", type=int, default=80, help="stage-2 generator steps per RL variant")
     ap.add_argument("--evals", type=int, default=4, help="evaluations along each stage-1 run")
-    ap.add_argument("--prompts", type=int, default=60, help="held-out prompts per evaluation (4 images each)")
+    ap.add_argument("--prompts", type=int, default=120, help="held-out prompts per evaluation (4 images each)")
     ap.add_argument("--quick", action="store_true", help="tiny run to check the plumbing (numbers meaningless)")
     ap.add_argument("--fresh", action="store_true", help="delete <out>/work first (default: reuse finished runs)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")

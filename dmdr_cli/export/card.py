@@ -114,8 +114,9 @@ def _call(info: ExportInfo) -> str:
 
 def _scheduler_line(info: ExportInfo) -> str:
     if info.family == "sd3":
+        extra = ", stochastic_sampling=True" if info.mode == "sde" and info.steps > 1 else ""
         return (f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-                f"shift={info.shift!r})  # the training shift")
+                f"shift={info.shift!r}{extra})  # the training shift" + (" and the SDE student's re-noising" if extra else ""))
     return "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)"
 
 
@@ -159,7 +160,11 @@ def _settings(info: ExportInfo) -> list[str]:
              f"- **resolution:** {info.resolution} px"]
     if info.family == "sd3":
         lines += [
-            f"- **time grid (model inputs, t = 1 is noise):** [{grid}], Euler steps, ending at t = {info.x0_end:g}",
+            f"- **time grid (model inputs, t = 1 is noise):** [{grid}], "
+            + ("re-noising (SDE) steps `x <- (1 - t') x0 + t' eps` (`stochastic_sampling=True`; the SD3 pipeline "
+               "draws `eps` from the global RNG, not from `generator=`: call `torch.manual_seed(S)` first for "
+               "reproducible images)" if info.mode == "sde" and info.steps > 1 else "Euler steps")
+            + f", ending at t = {info.x0_end:g}",
             f"- **scheduler:** `FlowMatchEulerDiscreteScheduler` with `shift={info.shift:g}`, called with "
             f"`sigmas={info.stock_kwargs.get('sigmas')}`: these are the grid *before* the shift, because diffusers "
             "shifts custom sigmas again (ALGORITHM.md 5.3)",

@@ -160,11 +160,18 @@ def unshift(t: float, shift: float) -> float:
     return t / (shift - (shift - 1.0) * t)
 
 
-def export_scheduler(family: str, base_config, shift: float):
+def stochastic_export(family: str, spec) -> bool:
+    """Whether an sd3 student samples with re-noising (SDE, ALGORITHM.md 5.2): its scheduler then sets
+    ``stochastic_sampling=True`` (``x <- (1 - s') x0 + s' eps``, dmdr's SDE step) instead of Euler steps."""
+    return family == "sd3" and spec.mode == "sde" and spec.steps > 1
+
+
+def export_scheduler(family: str, base_config, shift: float, stochastic: bool = False):
     """The scheduler saved with a diffusers export (ALGORITHM.md 5.2/5.3).
 
     sd3: ``FlowMatchEulerDiscreteScheduler`` built with the training shift (``from_config(..., shift=S)``; assigning
-    ``config["shift"]`` afterwards would have no effect) and static shifting. sdxl: ``LCMScheduler``; with the
+    ``config["shift"]`` afterwards would have no effect) and static shifting; ``stochastic`` (an SDE student, see
+    :func:`stochastic_export`) turns on its ``stochastic_sampling``. sdxl: ``LCMScheduler``; with the
     student's discrete timesteps (``timesteps=[399]``) its boundary coefficients are ``c_skip ~ 1.6e-8``,
     ``c_out ~ 1``, i.e. the 1-step student's ``x0 = (z - sqrt(1 - abar) eps) / sqrt(abar)``.
     """
@@ -173,7 +180,8 @@ def export_scheduler(family: str, base_config, shift: float):
     if family == "sd3":
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(
             base_config, shift=float(shift), use_dynamic_shifting=False, shift_terminal=None, invert_sigmas=False,
-            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)
+            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+            stochastic_sampling=bool(stochastic))
     return diffusers.LCMScheduler.from_config(base_config, prediction_type="epsilon", clip_sample=False,
                                               thresholding=False)
 

@@ -33,6 +33,8 @@ import torch
 
 from dmdr_cli.export import VerificationError
 from dmdr_cli.export import formats as fm
+
+SDE_GLOBAL_SEED = 0  # global torch seed of the stock-call check of SDE sd3 students
 from dmdr_cli.export.merge import LoraFactor, check_merged, expected_deltas, lora_factors
 
 #: max |image difference| (images in [0, 1]) between the reloaded export and the student, by export dtype
@@ -109,28 +111,41 @@ def student_reference(bundle, net, spec, stock_kwargs: dict, shift: float, resol
     images = generate(bundle, net, spec, list(PROMPTS), list(SEEDS), resolution).float().cpu()
     stock = None
     if bundle.family.name == "sd3":
-        stock = _sd3_stock_convention(bundle, net, stock_kwargs, shift, resolution).float().cpu()
+        stock = _sd3_stock_convention(bundle, net, stock_kwargs, shift, resolution,
+                                      fm.stochastic_export("sd3", spec)).float().cpu()
     return Reference(images, stock)
 
 
-def _sd3_stock_convention(bundle, net, stock_kwargs: dict, shift: float, resolution: int) -> torch.Tensor:
+def _sd3_stock_convention(bundle, net, stock_kwargs: dict, shift: float, resolution: int,
+                          stochastic: bool = False) -> torch.Tensor:
     """The flow Euler loop of ``StableDiffusion3Pipeline`` + ``FlowMatchEulerDiscreteScheduler``: network time
-    ``scheduler.timesteps`` (= 1000 sigma, unrounded), steps between ``scheduler.sigmas`` ending at 0."""
+    ``scheduler.timesteps`` (= 1000 sigma, unrounded), steps between ``scheduler.sigmas`` ending at 0. With
+    ``stochastic`` (``stochastic_sampling=True``): ``x0 = x - s v``, ``x <- (1 - s') x0 + s' eps`` with ``eps``
+    drawn from the *global* RNG seeded with :data:`SDE_GLOBAL_SEED` (``StableDiffusion3Pipeline`` does not pass
+    ``generator=`` to ``scheduler.step``, so its re-noising is seeded by ``torch.manual_seed`` only; the initial
+    noise still comes from the per-sample generators), one full-batch draw per step."""
     from dmdr_cli.engine.sampler import per_sample_noise
 
     family = bundle.family
-    sched = fm.export_scheduler("sd3", bundle.pipe.scheduler.config, shift)
+    sched = fm.export_scheduler("sd3", bundle.pipe.scheduler.config, shift, stochastic)
     sched.set_timesteps(sigmas=stock_kwargs["sigmas"])
     sigmas, timesteps = sched.sigmas.tolist(), sched.timesteps
     generators = [torch.Generator().manual_seed(int(s)) for s in SEEDS]
     x = per_sample_noise(generators, family.latent_shape(bundle, resolution), bundle.device).to(bundle.dtype)
     cond = family.encode_prompts(bundle, list(PROMPTS))
     dtype = next(net.parameters()).dtype
+    if stochastic:
+        torch.manual_seed(SDE_GLOBAL_SEED)
     for i in range(len(timesteps)):
         v = net(hidden_states=x.to(dtype), timestep=timesteps[i].to(bundle.device).expand(x.shape[0]),
                 encoder_hidden_states=cond.tensors["encoder_hidden_states"].to(dtype),
                 pooled_projections=cond.tensors["pooled_projections"].to(dtype), return_dict=False)[0]
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
+        if stochastic:
+            eps = torch.randn(x.shape, dtype=torch.float32, device=bundle.device)
+            x0 = x.float() - sigmas[i] * v.float()
+            x = ((1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps).to(x.dtype)
+        else:
+            x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)
     return family.decode(bundle, x)
 
 
@@ -171,6 +186,8 @@ def _dmdr_sample(ctx: Context, pipe) -> torch.Tensor:
 def _stock_sample(ctx: Context, pipe, report: dict) -> None:
     """``pipe(prompts, **stock_kwargs)`` as the model card documents it; checks the grid it ran and the image."""
     generators = [torch.Generator().manual_seed(int(s)) for s in ctx.seeds]
+    if fm.stochastic_export(ctx.name, ctx.spec):
+        torch.manual_seed(SDE_GLOBAL_SEED)  # the SD3 pipeline re-noises from the global RNG (see _sd3_stock_convention)
     with torch.no_grad():
         images = pipe(ctx.prompts, generator=generators, output_type="pt", **ctx.stock_kwargs).images
     sched = pipe.scheduler
@@ -306,7 +323,8 @@ def _verify_diffusers(ctx: Context, folder: Path) -> dict:
 def _with_lora(ctx: Context, load) -> dict:
     """Fresh base pipeline, ``load(pipe)`` puts the LoRA on it, then the adapter, sample and stock checks."""
     pipe = _base_pipeline(ctx)
-    pipe.scheduler = fm.export_scheduler(ctx.name, pipe.scheduler.config, ctx.shift)
+    pipe.scheduler = fm.export_scheduler(ctx.name, pipe.scheduler.config, ctx.shift,
+                                         fm.stochastic_export(ctx.name, ctx.spec))
     load(pipe)
     _prepare(pipe, ctx.device)
     report = {"lora": _check_loaded_lora(ctx, ctx.family.network_of(pipe))}

@@ -81,19 +81,35 @@ def geneval_metadata(req: EvalRequest) -> list[dict]:
     return _limit(load_geneval_metadata(path), req.max_prompts)
 
 
+def line_seeds(metadata: list[dict], k: int, seed: int) -> list[list[int]]:
+    """Seeds of the ``k`` images of every metadata line: ``seed + j`` for the first line of a prompt, and
+    ``seed + r·k + j`` for its ``r``-th repeat. A file whose prompts are unique (GenEval's) gets ``seed + j``
+    everywhere; a repeated prompt (the digits world's held-out split has only two single-digit prompts, so its 10
+    single_object lines repeat them) gets new images instead of copies that would count the same samples
+    several times."""
+    seen: dict[str, int] = {}
+    out = []
+    for m in metadata:
+        r = seen.get(m["prompt"], 0)
+        seen[m["prompt"]] = r + 1
+        out.append([seed + r * k + j for j in range(k)])
+    return out
+
+
 def generate_geneval(gen, metadata: list[dict], root: Path, req: EvalRequest, progress: Progress | None) -> None:
-    """GenEval layout: ``root/<index:05d>/metadata.jsonl`` + ``samples/0000.png..``; seeds ``seed + j`` per prompt.
+    """GenEval layout: ``root/<index:05d>/metadata.jsonl`` + ``samples/0000.png..``; seeds from :func:`line_seeds`.
     Images are generated ``req.batch_size`` at a time across prompts (per-image seeds: the batch size changes the images
     only by float rounding), which is also the batch at which seconds per image are measured."""
     from dmdr_cli.engine.images import to_pil
     from dmdr_cli.evaluation.geneval import write_prompt_folder
 
     k = req.images_per_prompt
+    seeds = line_seeds(metadata, k, req.seed)
     jobs = [(idx, j) for idx in range(len(metadata)) for j in range(k)]
     done: dict[int, list] = {}
     for start in range(0, len(jobs), max(1, req.batch_size)):
         part = jobs[start:start + max(1, req.batch_size)]
-        imgs = gen([metadata[idx]["prompt"] for idx, _ in part], [req.seed + j for _, j in part])
+        imgs = gen([metadata[idx]["prompt"] for idx, _ in part], [seeds[idx][j] for idx, j in part])
         for (idx, _), img in zip(part, imgs):
             done.setdefault(idx, []).append(to_pil(img))
             if len(done[idx]) == k:
@@ -204,12 +220,12 @@ def score_rewards(paths: list[Path], prompts: list[str], rewards: list, out: Pat
 
 
 # -- the digits world suite -----------------------------------------------------------------------------------
-DIGITS_PROMPTS = 60
+DIGITS_PROMPTS = 120
 
 
 def digits_metadata(req: EvalRequest) -> list[dict]:
     """Held-out digits-world prompts in GenEval's schema (``--metadata`` FILE overrides): ``max_prompts`` lines
-    (default 60) of the ``test`` split, shared round-robin over the six tasks, deterministic."""
+    (default 120) of the ``test`` split, shared round-robin over the six tasks, deterministic."""
     if req.metadata:
         return geneval_metadata(req)
     from dmdr_cli.digits import world

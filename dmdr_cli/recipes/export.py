@@ -270,7 +270,8 @@ def run(cfg, req: ExportRequest, *, train_hash: str, say: Callable[[str], None] 
         say(f"writing the {req.fmt} export")
         weights = tmp / layout.weights_name if layout.weights_name else tmp
         if req.fmt == "diffusers":
-            scheduler = fm.export_scheduler(family.name, bundle.pipe.scheduler.config, cfg.model.shift)
+            scheduler = fm.export_scheduler(family.name, bundle.pipe.scheduler.config, cfg.model.shift,
+                                            fm.stochastic_export(family.name, spec))
             network = fm.fresh_network(family.name, network_config, export_sd)
             fm.save_diffusers(tmp, bundle.pipe, family.name, network, scheduler, dtype)
             del network

@@ -243,6 +243,36 @@ def test_diffusers_folder_runs_the_student_grid_in_a_stock_pipeline(runs, studen
         assert float((plain - st["images"][:1]).abs().max()) > 0.1
 
 
+def test_an_sde_sd3_student_exports_a_stochastic_scheduler(runs, students, tmp_path):
+    """An SD3 student that samples with re-noising (student.simulation=sde) gets FlowMatchEulerDiscreteScheduler
+    with stochastic_sampling=True (the export's own check compares the stock call with the same loop seeded the same
+    way); the stock call then re-noises (from the global RNG: diffusers' SD3 pipeline does not pass generator=)."""
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "sde-run"
+    shutil.copytree(runs["sd3"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["student"]["simulation"] = "sde"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "pipe"
+    ok(dmdr("export", "--ckpt", run, "--format", "diffusers", "--dtype", "fp32", "--out", out))
+    pipe = DiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.stochastic_sampling is True
+    card = (out / "README.md").read_text()
+    assert "stochastic_sampling=True" in card and "re-noising (SDE)" in card
+    report = json.loads((out / "dmdr_export.json").read_text())
+    assert "stock_vs_student_same_conventions" in json.dumps(report)
+    runs_ = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs_.append(_stock_call(pipe, "sd3"))
+    assert torch.equal(runs_[0], runs_[1])                                 # reproducible with torch.manual_seed
+    assert float((runs_[0] - runs_[2]).abs().max()) > 1e-3                 # the re-noising is live
+    assert float((runs_[0] - students["sd3"]["images"]).abs().max()) > 2e-2  # not the ODE student's sampler
+
+
 @pytest.mark.parametrize("family,dtype", [("sd3", "fp32"), ("sdxl", "fp16")])
 def test_lora_loads_with_load_lora_weights(runs, students, tmp_path, family, dtype):
     from safetensors.torch import load_file

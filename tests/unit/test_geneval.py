@@ -490,3 +490,13 @@ def test_report_samples_are_spread_over_the_tags():
     assert spread_by_tag(meta, 7) == [0, 1, 5, 6, 8, 9, 10]
     assert spread_by_tag(meta, 100) == list(range(len(tags)))
     assert spread_by_tag([], 3) == []
+
+
+def test_repeated_prompts_get_new_seeds_unique_prompts_keep_seed_plus_j():
+    from dmdr_cli.recipes.evaluate import line_seeds
+
+    meta = [{"prompt": p} for p in ["a 1", "a 4", "a 1", "a 7", "a 1"]]
+    assert line_seeds(meta, 4, 10) == [[10, 11, 12, 13], [10, 11, 12, 13], [14, 15, 16, 17], [10, 11, 12, 13],
+                                       [18, 19, 20, 21]]
+    unique = [{"prompt": f"p{i}"} for i in range(3)]
+    assert line_seeds(unique, 2, 0) == [[0, 1]] * 3  # GenEval's own metadata: seed + j, as before
