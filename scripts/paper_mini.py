@@ -63,12 +63,18 @@ class Runner:
         self.threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
         self._lock = threading.Lock()
 
-    def dmdr(self, *args: str, log: str = "commands") -> float:
-        cmd = [sys.executable, "-m", "dmdr_cli", *args]
+    def record(self, *args: str) -> str:
+        """Note a command in the report (also when its result is reused from an earlier run of the script)."""
         # shown relative to the repository root (the commands run there), so the report reads the same anywhere
         shown = ("dmdr " + " ".join(shlex.quote(a) for a in args)).replace(str(ROOT) + os.sep, "")
         with self._lock:
             self.commands.append(shown)
+        return shown
+
+    def dmdr(self, *args: str, log: str = "commands") -> float:
+        cmd = [sys.executable, "-m", "dmdr_cli", *args]
+        shown = self.record(*args)
+        with self._lock:
             print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
         t0 = time.time()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
@@ -87,9 +93,11 @@ def sets(items: list[str]) -> list[str]:
 
 
 def evaluate(r: Runner, ckpt: Path, out: Path, prompts: int, extra: list[str] = (), log: str = "commands") -> dict:
-    if not (out / "eval.json").is_file():
-        r.dmdr("eval", "--bench", "digits", "--ckpt", str(ckpt), "--max-prompts", str(prompts), "--out", str(out),
-               *extra, log=log)
+    args = ("eval", "--bench", "digits", "--ckpt", str(ckpt), "--max-prompts", str(prompts), "--out", str(out), *extra)
+    if (out / "eval.json").is_file():
+        r.record(*args)
+    else:
+        r.dmdr(*args, log=log)
     data = json.loads((out / "eval.json").read_text())
     return data
 
@@ -153,10 +161,12 @@ def main() -> None:
 
     def cold_start(i: int, name: str, overrides: list[str]) -> list[dict]:
         run, log = work / f"stage1-{i}", f"stage1-{i}"
-        if not (run / "checkpoints" / f"step-{args.stage1:06d}").is_dir():
+        cmd = ("distill", "--base", "tiny-sd3", "--steps", "4", "--out", str(run), *common1, *sets(overrides))
+        if (run / "checkpoints" / f"step-{args.stage1:06d}").is_dir():
+            r.record(*cmd)
+        else:
             shutil.rmtree(run, ignore_errors=True)
-            seconds[name] = r.dmdr("distill", "--base", "tiny-sd3", "--steps", "4", "--out", str(run),
-                                   *common1, *sets(overrides), log=log)
+            seconds[name] = r.dmdr(*cmd, log=log)
         points = []
         for step in range(every, args.stage1 + 1, every):
             data = evaluate(r, run, run / "eval" / f"step-{step}", args.prompts, ["--step", str(step)], log=log)
@@ -172,11 +182,13 @@ def main() -> None:
 
     def stage2_run(i: int, name: str, flags: list[str]) -> dict:
         run, log = work / f"stage2-{i}", f"stage2-{i}"
-        if not (run / "checkpoints").is_dir() or not any((run / "checkpoints").glob("step-*")):
+        cmd = ("finetune-rl", "--from", str(base_run), *flags, "--out", str(run),
+               *sets([f"finetune_rl.max_steps={args.stage2}", f"finetune_rl.checkpoint_every={args.stage2}"]))
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
+            r.record(*cmd)
+        else:
             shutil.rmtree(run, ignore_errors=True)
-            seconds[name] = r.dmdr("finetune-rl", "--from", str(base_run), *flags, "--out", str(run),
-                                   *sets([f"finetune_rl.max_steps={args.stage2}",
-                                          f"finetune_rl.checkpoint_every={args.stage2}"]), log=log)
+            seconds[name] = r.dmdr(*cmd, log=log)
         return evaluate(r, run, run / "eval" / "final", args.prompts, log=log)
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -204,6 +216,12 @@ def main() -> None:
                title="cold start: digits-FID (lower is better)", xlabel="generator step", ylabel="digits-FID")
     _sample_rows(samples, out / "stage2-samples.png")
     minutes = (time.time() - t_start) / 60
+    previous = out / "paper-mini.json"
+    if previous.is_file() and len(seconds) < len(COLD_START) + len(STAGE2):  # some runs reused: keep their timings
+        old = json.loads(previous.read_text())
+        seconds = {**old.get("seconds", {}), **seconds}
+        minutes = max(minutes, float(old.get("minutes", 0.0))) if not seconds.keys() - old.get("seconds", {}).keys() \
+            else minutes
     result = {"args": vars(args), "cold_start": curves, "stage2": stage2, "seconds": seconds, "minutes": minutes,
               "commands": r.commands}
     (out / "paper-mini.json").write_text(json.dumps(result, indent=2))
@@ -219,22 +237,26 @@ def main() -> None:
              "![digits-FID during stage 1](cold-start-fid.png)", "",
              f"## Stage 2 ({args.stage2} generator steps from the '+ DynaDG + DynaRS' stage-1 run)", "",
              *table(stage2), "", "![samples](stage2-samples.png)", "",
-             "Sample rows, top to bottom: " + ", ".join(samples) + " (first 8 held-out prompts, image 0).", "",
+             "Sample rows, top to bottom: " + ", ".join(samples) + " (image 0 of 12 held-out prompts, two per task).", "",
              "## Commands", "", "```bash", *r.commands, "```", ""]
     (out / "paper-mini.md").write_text("\n".join(lines))
     print(f"wrote {out / 'paper-mini.md'}")
 
 
 def _sample_rows(evals: dict[str, dict], path: Path) -> None:
-    """One row per variant (its student, or the teacher), the first 8 held-out prompts, image 0 of each."""
+    """One row per variant (its student, or the teacher): image 0 of 12 held-out prompts spread over the tasks (the
+    same prompts as the eval reports' grids)."""
     from PIL import Image
+
+    from dmdr_cli.recipes.evaluate import spread_by_tag
 
     rows = []
     for name, data in evals.items():
         key = "teacher" if name == "teacher" else "student"
         root = Path(data["request"]["out_dir"]) / key / "images"
-        rows.append([Image.open(root / f"{i:05d}" / "samples" / "0000.png").convert("RGB") for i in range(8)
-                     if (root / f"{i:05d}" / "samples" / "0000.png").is_file()])
+        folders = sorted(p for p in root.iterdir() if (p / "metadata.jsonl").is_file()) if root.is_dir() else []
+        meta = [json.loads((p / "metadata.jsonl").read_text().splitlines()[0]) for p in folders]
+        rows.append([Image.open(folders[i] / "samples" / "0000.png").convert("RGB") for i in spread_by_tag(meta, 12)])
     rows = [r for r in rows if r]
     if not rows:
         return
