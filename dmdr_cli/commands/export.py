@@ -67,8 +67,12 @@ def export(
     if result["verified"]:
         rel = result["verification"]["reload"]
         checks = f"; verified (sample max |diff| {rel['sample_max_diff']:.1e}"
+        if "stock_vs_student_same_conventions" in rel:
+            checks += f", stock diffusers call {rel['stock_vs_student_same_conventions']:.1e}"
         if "stock_vs_dmdr_sampler" in rel:
-            checks += f", stock diffusers call vs dmdr sampler {rel['stock_vs_dmdr_sampler']:.1e}"
+            sde = cfg.student.simulation == "sde" and cfg.student.steps > 1 and cfg.model.family == "sd3"
+            checks += (f", stock diffusers call vs dmdr sampler {rel['stock_vs_dmdr_sampler']:.1e}"
+                       + (" (SDE: different re-noising draws)" if sde else ""))
         checks += ")"
     else:
         checks = "; not verified (--no-verify)"

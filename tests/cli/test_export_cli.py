@@ -262,6 +262,7 @@ def test_an_sde_sd3_student_exports_a_stochastic_scheduler(runs, students, tmp_p
     assert pipe.scheduler.config.stochastic_sampling is True
     card = (out / "README.md").read_text()
     assert "stochastic_sampling=True" in card and "re-noising (SDE)" in card
+    assert "an SDE student: the pipeline re-noises with draws from the global RNG" in card
     report = json.loads((out / "dmdr_export.json").read_text())
     assert "stock_vs_student_same_conventions" in json.dumps(report)
     runs_ = []
