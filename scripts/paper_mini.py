@@ -58,23 +58,31 @@ class Runner:
     rounding."""
 
     def __init__(self, log_dir: Path, jobs: int = 1) -> None:
-        self.commands: list[str] = []
+        self._commands: list[tuple[str, str]] = []  # (log group, command) in execution order
+        self.ran = 0  # commands actually executed (the rest were reused from an earlier run of the script)
         self.log_dir = log_dir
         self.threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
         self._lock = threading.Lock()
 
-    def record(self, *args: str) -> str:
+    @property
+    def commands(self) -> list[str]:
+        """Every command, grouped by run (``stage1-0``, ..., ``stage2-init``, ``stage2-ref``): parallel jobs interleave at random,
+        each group is sequential, so this order is the same on every run of the script."""
+        return [c for _, c in sorted(self._commands, key=lambda item: item[0])]
+
+    def record(self, *args: str, log: str = "commands") -> str:
         """Note a command in the report (also when its result is reused from an earlier run of the script)."""
         # shown relative to the repository root (the commands run there), so the report reads the same anywhere
         shown = ("dmdr " + " ".join(shlex.quote(a) for a in args)).replace(str(ROOT) + os.sep, "")
         with self._lock:
-            self.commands.append(shown)
+            self._commands.append((log, shown))
         return shown
 
     def dmdr(self, *args: str, log: str = "commands") -> float:
         cmd = [sys.executable, "-m", "dmdr_cli", *args]
-        shown = self.record(*args)
+        shown = self.record(*args, log=log)
         with self._lock:
+            self.ran += 1
             print(f"[{time.strftime('%H:%M:%S')}] {shown}", flush=True)
         t0 = time.time()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(self.threads)}
@@ -95,7 +103,7 @@ def sets(items: list[str]) -> list[str]:
 def evaluate(r: Runner, ckpt: Path, out: Path, prompts: int, extra: list[str] = (), log: str = "commands") -> dict:
     args = ("eval", "--bench", "digits", "--ckpt", str(ckpt), "--max-prompts", str(prompts), "--out", str(out), *extra)
     if (out / "eval.json").is_file():
-        r.record(*args)
+        r.record(*args, log=log)
     else:
         r.dmdr(*args, log=log)
     data = json.loads((out / "eval.json").read_text())
@@ -166,7 +174,7 @@ def main() -> None:
         run, log = work / f"stage1-{i}", f"stage1-{i}"
         cmd = ("distill", "--base", "tiny-sd3", "--steps", "4", "--out", str(run), *common1, *sets(overrides))
         if (run / "checkpoints" / f"step-{args.stage1:06d}").is_dir():
-            r.record(*cmd)
+            r.record(*cmd, log=log)
         else:
             shutil.rmtree(run, ignore_errors=True)
             seconds[name] = r.dmdr(*cmd, log=log)
@@ -188,7 +196,7 @@ def main() -> None:
         cmd = ("finetune-rl", "--from", str(base_run), *flags, "--out", str(run),
                *sets([f"finetune_rl.max_steps={args.stage2}", f"finetune_rl.checkpoint_every={args.stage2}"]))
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step-*")):
-            r.record(*cmd)
+            r.record(*cmd, log=log)
         else:
             shutil.rmtree(run, ignore_errors=True)
             seconds[name] = r.dmdr(*cmd, log=log)
@@ -196,9 +204,9 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         ref_f = pool.submit(evaluate, r, base_run, work / "eval-stage1-teacher", args.prompts,
-                            ["--step", str(args.stage1), "--compare", "teacher"], "reference")
+                            ["--step", str(args.stage1), "--compare", "teacher"], "stage2-ref")
         init_f = pool.submit(evaluate, r, ROOT / "dmdr_cli" / "assets" / "digits-teacher", work / "eval-init",
-                             args.prompts, ["--base", "tiny-sd3", "--set", "student.simulation=ode"], "reference")
+                             args.prompts, ["--base", "tiny-sd3", "--set", "student.simulation=ode"], "stage2-init")
         futures = {name: pool.submit(stage2_run, i, name, fl) for i, (name, fl) in enumerate(STAGE2.items())}
         ref, init = ref_f.result(), init_f.result()
         stage2: dict[str, dict] = {"teacher (28 steps, CFG 4)": row(ref["results"]["teacher"]),
@@ -220,11 +228,11 @@ def main() -> None:
     _sample_rows(samples, out / "stage2-samples.png")
     minutes = (time.time() - t_start) / 60
     previous = out / "paper-mini.json"
-    if previous.is_file() and len(seconds) < len(COLD_START) + len(STAGE2):  # some runs reused: keep their timings
+    if previous.is_file():  # runs reused from the previous report keep its timings
         old = json.loads(previous.read_text())
         seconds = {**old.get("seconds", {}), **seconds}
-        minutes = max(minutes, float(old.get("minutes", 0.0))) if not seconds.keys() - old.get("seconds", {}).keys() \
-            else minutes
+        if not r.ran:
+            minutes = float(old.get("minutes", minutes))
     result = {"args": vars(args), "cold_start": curves, "stage2": stage2, "seconds": seconds, "minutes": minutes,
               "commands": r.commands}
     (out / "paper-mini.json").write_text(json.dumps(result, indent=2))

@@ -70,9 +70,8 @@ def export(
         if "stock_vs_student_same_conventions" in rel:
             checks += f", stock diffusers call {rel['stock_vs_student_same_conventions']:.1e}"
         if "stock_vs_dmdr_sampler" in rel:
-            sde = cfg.student.simulation == "sde" and cfg.student.steps > 1 and cfg.model.family == "sd3"
             checks += (f", stock diffusers call vs dmdr sampler {rel['stock_vs_dmdr_sampler']:.1e}"
-                       + (" (SDE: different re-noising draws)" if sde else ""))
+                       + (" (SDE: different re-noising draws)" if rel.get("stock_renoises") else ""))
         checks += ")"
     else:
         checks = "; not verified (--no-verify)"

@@ -24,8 +24,6 @@ class ImageGenerator:
     resolution: int
     roles: object | None = None
     network: torch.nn.Module | None = None  # a network other than ``bundle.network`` (a baked student)
-    seconds: float = 0.0
-    images: int = 0
     calls: list = field(default_factory=list, repr=False)  # (seconds, images) per call
     _uncond: object = field(default=None, repr=False)
 
@@ -49,8 +47,6 @@ class ImageGenerator:
         with ctx as net:
             imgs = generate(self.bundle, net, self.spec, prompts, seeds, self.resolution, self._uncond)
         self.calls.append((time.perf_counter() - t0, len(prompts)))
-        self.seconds = sum(s for s, _ in self.calls)
-        self.images += len(prompts)
         return imgs
 
     @property

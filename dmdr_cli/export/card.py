@@ -114,7 +114,7 @@ def _call(info: ExportInfo) -> str:
 
 def _scheduler_line(info: ExportInfo) -> str:
     if info.family == "sd3":
-        extra = ", stochastic_sampling=True" if info.mode == "sde" and info.steps > 1 else ""
+        extra = ", stochastic_sampling=True" if fm.stochastic_export(info.family, info) else ""
         return (f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
                 f"shift={info.shift!r}{extra})  # the training shift" + (" and the SDE student's re-noising" if extra else ""))
     return "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)"
@@ -163,7 +163,7 @@ def _settings(info: ExportInfo) -> list[str]:
             f"- **time grid (model inputs, t = 1 is noise):** [{grid}], "
             + ("re-noising (SDE) steps `x <- (1 - t') x0 + t' eps` (`stochastic_sampling=True`; the SD3 pipeline "
                "draws `eps` from the global RNG, not from `generator=`: call `torch.manual_seed(S)` first for "
-               "reproducible images)" if info.mode == "sde" and info.steps > 1 else "Euler steps")
+               "reproducible images)" if fm.stochastic_export(info.family, info) else "Euler steps")
             + f", ending at t = {info.x0_end:g}",
             f"- **scheduler:** `FlowMatchEulerDiscreteScheduler` with `shift={info.shift:g}`, called with "
             f"`sigmas={info.stock_kwargs.get('sigmas')}`: these are the grid *before* the shift, because diffusers "
@@ -231,7 +231,7 @@ def _verification(info: ExportInfo, verification: dict | None) -> list[str]:
         else:
             why = (" (diffusers feeds `1000 * sigma` unrounded to the network where dmdr feeds `round(1000 t)`, and "
                    "integrates to 0 instead of `x0_end`)") if info.family == "sd3" else ""
-            if info.family == "sd3" and info.mode == "sde" and info.steps > 1:
+            if fm.stochastic_export(info.family, info):
                 why = (" (an SDE student: the pipeline re-noises with draws from the global RNG, dmdr with per-image "
                        "generators, so the two give different samples of the same model; the check that matters is the "
                        "line above)")

@@ -161,7 +161,8 @@ def unshift(t: float, shift: float) -> float:
 
 
 def stochastic_export(family: str, spec) -> bool:
-    """Whether an sd3 student samples with re-noising (SDE, ALGORITHM.md 5.2): its scheduler then sets
+    """Whether an sd3 student (``spec``: anything with ``mode`` and ``steps``, a sampler spec or the card's
+    ExportInfo) samples with re-noising (SDE, ALGORITHM.md 5.2): its scheduler then sets
     ``stochastic_sampling=True`` (``x <- (1 - s') x0 + s' eps``, dmdr's SDE step) instead of Euler steps."""
     return family == "sd3" and spec.mode == "sde" and spec.steps > 1
 

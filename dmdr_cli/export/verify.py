@@ -33,9 +33,9 @@ import torch
 
 from dmdr_cli.export import VerificationError
 from dmdr_cli.export import formats as fm
+from dmdr_cli.export.merge import LoraFactor, check_merged, expected_deltas, lora_factors
 
 SDE_GLOBAL_SEED = 0  # global torch seed of the stock-call check of SDE sd3 students
-from dmdr_cli.export.merge import LoraFactor, check_merged, expected_deltas, lora_factors
 
 #: max |image difference| (images in [0, 1]) between the reloaded export and the student, by export dtype
 SAMPLE_TOL = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
@@ -187,6 +187,7 @@ def _stock_sample(ctx: Context, pipe, report: dict) -> None:
     """``pipe(prompts, **stock_kwargs)`` as the model card documents it; checks the grid it ran and the image."""
     generators = [torch.Generator().manual_seed(int(s)) for s in ctx.seeds]
     if fm.stochastic_export(ctx.name, ctx.spec):
+        report["stock_renoises"] = True  # its images differ from dmdr's sampler by the re-noising draws
         torch.manual_seed(SDE_GLOBAL_SEED)  # the SD3 pipeline re-noises from the global RNG (see _sd3_stock_convention)
     with torch.no_grad():
         images = pipe(ctx.prompts, generator=generators, output_type="pt", **ctx.stock_kwargs).images

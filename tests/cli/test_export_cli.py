@@ -264,7 +264,7 @@ def test_an_sde_sd3_student_exports_a_stochastic_scheduler(runs, students, tmp_p
     assert "stochastic_sampling=True" in card and "re-noising (SDE)" in card
     assert "an SDE student: the pipeline re-noises with draws from the global RNG" in card
     report = json.loads((out / "dmdr_export.json").read_text())
-    assert "stock_vs_student_same_conventions" in json.dumps(report)
+    assert "stock_vs_student_same_conventions" in json.dumps(report) and '"stock_renoises": true' in json.dumps(report)
     runs_ = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)

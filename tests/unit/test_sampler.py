@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -187,7 +188,7 @@ def test_seconds_per_image_leaves_out_the_warm_up_call():
     from dmdr_cli.engine.generators import ImageGenerator
 
     g = ImageGenerator(label="x", bundle=None, spec=None, resolution=32)
-    assert g.seconds_per_image != g.seconds_per_image  # nan before any call
+    assert math.isnan(g.seconds_per_image)  # before any call
     g.calls = [(5.0, 4)]  # a single call is all there is: it counts
     assert g.seconds_per_image == 5.0 / 4
     g.calls = [(5.0, 4), (1.0, 4), (0.5, 2)]  # warm-up (first call) left out
