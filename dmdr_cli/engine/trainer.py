@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from dmdr_cli.engine import checkpoint as ckpt_io
-from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, select_generator_input, simulate
+from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, simulate_and_select
 from dmdr_cli.engine.networks import GEN, GUIDE
 from dmdr_cli.errors import DmdrError
 
@@ -182,8 +182,8 @@ class Trainer:
         s = self.plan.dmd
         prompts = self.stream.next()
         cond = self.family.encode_prompts(self.bundle, prompts)
-        x0s = simulate(self.roles, self.family, self.spec, cond, self.latent_shape, self.gen, self.device, self.bundle.dtype)
-        x_c, x_in, t_g, _ = select_generator_input(self.family, self.spec, x0s, self.gen, self.plan.sde_input)
+        x_c, x_in, t_g, _ = simulate_and_select(self.roles, self.family, self.spec, cond, self.latent_shape, self.gen,
+                                                self.device, self.bundle.dtype, self.plan.sde_input)
         guide = list(self.roles.guide_parameters().values())
         gen = list(self.roles.gen_parameters().values())
         with self.accel.autocast():

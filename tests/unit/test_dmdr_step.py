@@ -15,7 +15,7 @@ import torch
 from dmdr_cli.config.loader import resolve
 from dmdr_cli.engine import dmdr
 from dmdr_cli.engine import trainer as trainer_mod
-from dmdr_cli.engine.dmdr import critic_loss, generator_loss, select_generator_input, simulate
+from dmdr_cli.engine.dmdr import critic_loss, generator_loss, select_generator_input, simulate, simulate_and_select
 from dmdr_cli.engine.metrics import NullSink
 from dmdr_cli.engine.prompts import PromptStream, builtin_shapes
 from dmdr_cli.engine.sampler import student_spec
@@ -115,6 +115,42 @@ def test_ode_simulation_and_generator_input(sd3):
     tt = t_g.view(-1, 1, 1, 1)
     torch.testing.assert_close(x_in, (1 - tt) * x_c + tt * eps)
     assert torch.equal(g.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("sde_input", ["official", "dmd2"])
+def test_truncated_sde_simulation_equals_the_full_one(sd3, sde_input):
+    """simulate_and_select stops each sample at the X0[i] its index uses: the same draws in the same order and the
+    same generator inputs as simulate + select_generator_input, with fewer network rows."""
+    st = sd3
+    perturb(st.roles.gen_parameters(), seed=1)
+    spec = dataclasses.replace(st.spec, mode="sde")
+    cond = st.fam.encode_prompts(st.bundle, PROMPTS * 4)  # 8 rows: several grid indices
+    rows = []
+    real_predict = st.fam.predict
+
+    def counting(net, x, t, c):
+        rows.append(x.shape[0])
+        return real_predict(net, x, t, c)
+
+    for seed in (3, 4):
+        g_full, g_trunc = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        x0s = simulate(st.roles, st.fam, spec, cond, st.shape, g_full, st.bundle.device, st.bundle.dtype)
+        full = select_generator_input(st.fam, spec, x0s, g_full, sde_input)
+        rows.clear()
+        st.fam.predict = counting
+        try:
+            trunc = simulate_and_select(st.roles, st.fam, spec, cond, st.shape, g_trunc, st.bundle.device,
+                                        st.bundle.dtype, sde_input)
+        finally:
+            st.fam.predict = real_predict
+        assert torch.equal(trunc[3], full[3])                   # the same grid indices
+        assert torch.equal(g_full.get_state(), g_trunc.get_state())  # ... and the same stream position
+        for a, b in zip(trunc[:3], full[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        idx = full[3]
+        assert rows == [int((idx >= i).sum()) for i in range(4) if int((idx >= i).sum())]
+        assert sum(rows) < 4 * len(cond)
+    assert st.roles.state == ("teacher",)
 
 
 def test_generator_input_rows_follow_their_index():

@@ -201,6 +201,37 @@ def test_switches_keep_trainable_flags(sd3):
     roles.activate("teacher")
 
 
+def _layer_states(net) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [(m.disable_adapters, list(m.active_adapters), dict(m.scaling)) for m in net.modules()
+            if isinstance(m, LoraLayer)]
+
+
+def _library_switch(net, state: tuple) -> None:
+    """What diffusers' own adapter API does for a role state (the path the fast switch replaces)."""
+    if state[0] == "teacher":
+        net.disable_adapters()
+    else:
+        net.enable_adapters()
+        net.set_adapters([GEN if state[0] == "gen" else GUIDE], weights=[1.0 if state[0] == "gen" else state[1]])
+
+
+def test_fast_switch_sets_the_library_state_and_outputs(sd3):
+    _, bundle, roles, inputs = sd3
+    _perturb(roles.gen_parameters(), seed=1)
+    _perturb(roles.guide_parameters(), seed=2)
+    for name, scale in ROLE_STATES + [("fake", None), ("real", 0.25), ("gen", None)]:
+        fast = _out(bundle, roles, inputs, name, scale)
+        with roles.role(name, scale):
+            state, ours = roles.state, _layer_states(bundle.network)
+        _library_switch(bundle.network, state)
+        assert _layer_states(bundle.network) == ours, (name, scale)
+        with torch.no_grad():
+            assert torch.equal(bundle.family.predict(bundle.network, *inputs), fast), (name, scale)
+        roles._apply(roles.state, force=True)  # back to the roles' own state after the library calls
+
+
 # -- memory: one base, no copies --------------------------------------------------------------------------
 
 def test_shared_layout_holds_one_base():
