@@ -113,6 +113,36 @@ def encode_unique(family, bundle, prompts: list[str]) -> Cond:
     return cond.index(torch.tensor([where[p] for p in prompts]))
 
 
+class PromptEncodings:
+    """Training's text conditioning with each distinct prompt encoded once: the text encoders are frozen, and a
+    training run draws its batches from a fixed prompt list (the digits world's has a few hundred), so encoding
+    them again every inner step only repeats work (6% of a tiny-sd3 step). Rows are kept until ``max_bytes``
+    (a large prompt set at full size, e.g. SD3's 333 x 4096 T5 tokens, fills it; later prompts are then encoded
+    per call as before)."""
+
+    def __init__(self, family, bundle, max_bytes: int = 256 << 20) -> None:
+        self.family, self.bundle, self.max_bytes = family, bundle, max_bytes
+        self.rows: dict[str, Cond] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> Cond:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        fresh: dict[str, Cond] = {}
+        if missing:
+            enc = self.family.encode_prompts(self.bundle, missing)
+            for i, p in enumerate(missing):
+                row = Cond({k: v[i:i + 1].clone() for k, v in enc.tensors.items()})
+                size = sum(v.numel() * v.element_size() for v in row.tensors.values())
+                if self.bytes + size <= self.max_bytes:
+                    self.rows[p] = row
+                    self.bytes += size
+                else:
+                    fresh[p] = row
+        parts = [self.rows[p] if p in self.rows else fresh[p] for p in prompts]
+        return Cond({k: torch.cat([c.tensors[k] for c in parts]) for k in parts[0].tensors})
+
+
 @torch.no_grad()
 def generate(bundle, net, spec: SamplerSpec, prompts: list[str], seeds: list[int], resolution: int,
              uncond: Cond | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from dmdr_cli.engine import checkpoint as ckpt_io
 from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, simulate_and_select
 from dmdr_cli.engine.networks import GEN, GUIDE
+from dmdr_cli.engine.sampler import PromptEncodings
 from dmdr_cli.errors import DmdrError
 
 
@@ -90,6 +91,7 @@ class Trainer:
         self.last_saved: Path | None = None
         self.latent_shape = self.family.latent_shape(bundle, plan.resolution)
         self.uncond = self.family.encode_prompts(bundle, [""])
+        self.encode = PromptEncodings(self.family, bundle)
 
     # -- state ------------------------------------------------------------------------------------
     def set_lrs(self) -> dict[str, float]:
@@ -181,7 +183,7 @@ class Trainer:
     def inner_step(self) -> dict | None:
         s = self.plan.dmd
         prompts = self.stream.next()
-        cond = self.family.encode_prompts(self.bundle, prompts)
+        cond = self.encode(prompts)
         x_c, x_in, t_g, _ = simulate_and_select(self.roles, self.family, self.spec, cond, self.latent_shape, self.gen,
                                                 self.device, self.bundle.dtype, self.plan.sde_input)
         guide = list(self.roles.guide_parameters().values())

@@ -104,7 +104,8 @@ def write(out: Path, data: dict, samples: dict) -> Path:
         label = models.get(name, {}).get("label", name)
         batch = data.get("request", {}).get("batch_size")
         lines += [f"**Speed-up of {label} over the teacher: {x:.1f}x** (wall-clock per image incl. text encoding "
-                  f"and VAE decoding, {f'batches of {batch}, ' if batch else ''}first batch left out as warm-up, same "
+                  f"and VAE decoding, median over {f'batches of {batch}' if batch else 'batches'}, the first left out as "
+                  "warm-up, same "
                   "prompts, seeds and machine).", ""]
     canon = [r.get("canonical") for r in results.values() if isinstance(r, dict)]
     if canon and not all(canon):

@@ -244,6 +244,6 @@ def save_diffusers(folder: Path, pipe, family: str, network: torch.nn.Module, sc
     components[NETWORK[family]] = network
     components["scheduler"] = scheduler
     for value in components.values():
-        if isinstance(value, torch.nn.Module):
-            value.to(dtype)
+        if isinstance(value, torch.nn.Module):  # safetensors stores contiguous tensors (the loaded VAE is channels_last)
+            value.to(dtype=dtype, memory_format=torch.contiguous_format)
     type(pipe)(**components).save_pretrained(folder, safe_serialization=True)

@@ -191,5 +191,38 @@ def test_seconds_per_image_leaves_out_the_warm_up_call():
     assert math.isnan(g.seconds_per_image)  # before any call
     g.calls = [(5.0, 4)]  # a single call is all there is: it counts
     assert g.seconds_per_image == 5.0 / 4
-    g.calls = [(5.0, 4), (1.0, 4), (0.5, 2)]  # warm-up (first call) left out
-    assert g.seconds_per_image == 1.5 / 6
+    g.calls = [(5.0, 4), (1.0, 4), (0.5, 2)]  # warm-up (first call) left out; median per image, by images
+    assert g.seconds_per_image == 0.25
+    g.calls = [(9.0, 4), (1.0, 4), (1.2, 4), (4.0, 4)]  # one slow batch does not move it
+    assert g.seconds_per_image == 0.3
+    g.calls = [(9.0, 4), (1.0, 4), (0.2, 1), (0.2, 1), (0.2, 1)]  # weighted: the 4-image batch holds the middle
+    assert g.seconds_per_image == 0.25
+
+
+# -- text conditioning, once per distinct prompt --------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["sd3_loaded", "sdxl_loaded"])
+def test_encode_unique_and_prompt_encodings_equal_direct_encoding(request, which):
+    from dmdr_cli.engine.sampler import PromptEncodings, encode_unique
+
+    _, bundle = request.getfixturevalue(which)
+    fam = bundle.family
+    prompts = ["a red circle", "two blue squares", "a red circle", "a green 3", "a red circle"]
+    direct = fam.encode_prompts(bundle, prompts)
+    once = encode_unique(fam, bundle, prompts)
+    cache = PromptEncodings(fam, bundle)
+    cached = [cache(prompts), cache(prompts[::-1])]  # the second call encodes nothing new
+    assert len(cache.rows) == 3 and cache.bytes > 0
+    for key, ref in direct.tensors.items():
+        torch.testing.assert_close(once.tensors[key], ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached[0].tensors[key], ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cached[1].tensors[key], ref.flip(0), rtol=1e-5, atol=1e-6)
+    for row in (0, 2, 4):  # a repeated prompt: identical rows
+        assert all(torch.equal(v[row], v[0]) for v in once.tensors.values())
+
+    capped = PromptEncodings(fam, bundle, max_bytes=cache.bytes // 3)  # room for one prompt's rows
+    out = capped(prompts)
+    assert len(capped.rows) == 1 and capped.bytes <= cache.bytes // 3
+    for key, ref in direct.tensors.items():  # prompts past the cap are still encoded, just not kept
+        torch.testing.assert_close(out.tensors[key], ref, rtol=1e-5, atol=1e-6)
