@@ -182,6 +182,9 @@ def validate(cfg: DmdrConfig) -> DmdrConfig:
                 "finetune_rl.batch_size", "sample.n", "sample.batch_size", "model.resolution"):
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
+    for key in ("distill.ema_decay", "finetune_rl.ema_decay"):
+        if not 0.0 <= flat[key] < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1) (0 = no EMA), got {flat[key]}")
     if cfg.model.resolution % 8:
         raise ConfigError(f"model.resolution must be a multiple of 8, got {cfg.model.resolution}")
     if cfg.student.grid and len(cfg.student.grid) != cfg.student.steps:

@@ -57,6 +57,7 @@ class StudentConfig:
     simulation: str = _f("ode", "Backward simulation / sampling mode: 'ode' or 'sde'.")
     sde_input: str = _f("official", "SDE generator input: 'official' or 'dmd2' (ALGORITHM.md 3.2).")
     pure_noise_first: bool = _f(False, "Feed pure noise at the first grid step (SDXL: tau=399 1-step, tau=999).")
+    use_ema: bool = _f(True, "sample/eval/export a run's EMA generator weights when its checkpoint has them (ema_decay > 0); false: the raw last iterate.")
 
 
 @dataclass
@@ -112,6 +113,7 @@ class DistillConfig:
     checkpoint_every: int = _f(500, "Checkpoint every this many generator steps.")
     sample_every: int = _f(100, "Write a sample grid every this many generator steps.")
     keep_last: int = _f(3, "Checkpoints to keep.")
+    ema_decay: float = _f(0.0, "EMA decay of the generator weights (0 = off, as the official recipes; e.g. 0.98). The EMA is the student sample/eval/export use, and stage 2 starts from it.")
 
 
 @dataclass
@@ -144,6 +146,7 @@ class FinetuneRLConfig:
     grpo_clip: float = _f(1e-4, "GRPO ratio clip epsilon.")
     checkpoint_every: int = _f(500, "Checkpoint every this many generator steps.")
     sample_every: int = _f(100, "Write a sample grid every this many generator steps.")
+    ema_decay: float = _f(0.0, "EMA decay of the generator weights in stage 2 (0 = off). Stage 2 starts from stage 1's EMA when it has one either way.")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Layout of ``RUN/checkpoints/step-00000K/``:
 
     gen.safetensors      generator adapter (or full generator) tensors, keyed by parameter name
+    gen_ema.safetensors  their exponential moving average (only with distill/finetune_rl.ema_decay > 0)
     guide.safetensors    guide (fake score) adapter tensors
     optimizer.pt         AdamW states {"gen": ..., "guide": ...}
     rng.pt               the training generator state (and torch/python/numpy global states)
@@ -97,10 +98,12 @@ def load_tensors(ckpt: Path, group: str) -> dict[str, torch.Tensor]:
 
 
 def load_groups(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every adapter group saved in a checkpoint: ``gen``, ``guide`` and, after DPO, ``gen_ref``."""
+    """Every adapter group saved in a checkpoint: ``gen``, ``guide``, after DPO ``gen_ref``, with an EMA
+    ``gen_ema``."""
     groups = {g: load_tensors(ckpt, g) for g in ("gen", "guide")}
-    if (Path(ckpt) / "gen_ref.safetensors").is_file():
-        groups["gen_ref"] = load_tensors(ckpt, "gen_ref")
+    for optional in ("gen_ref", "gen_ema"):
+        if (Path(ckpt) / f"{optional}.safetensors").is_file():
+            groups[optional] = load_tensors(ckpt, optional)
     return groups
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmdr_cli.engine import checkpoint as ckpt_io
+from dmdr_cli.engine.ema import EMA
+from dmdr_cli.engine.networks import GEN
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -16,7 +18,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_student(cfg, ckpt: Path, device=None):
-    """(bundle, roles) with the checkpoint's adapters loaded; the ``gen`` role is the student."""
+    """(bundle, roles) with the checkpoint's adapters loaded; the ``gen`` role is the student: the checkpoint's
+    EMA weights when it has them and ``student.use_ema`` (the default), else its last iterate."""
     from dmdr_cli.families.loading import load_base
     from dmdr_cli.recipes.distill import build_roles, identity
 
@@ -24,8 +27,12 @@ def load_student(cfg, ckpt: Path, device=None):
     roles = build_roles(bundle, cfg)
     state = ckpt_io.read_state(ckpt)
     ckpt_io.check_identity(state, identity(cfg, bundle), ckpt)
+    groups = ckpt_io.load_groups(ckpt)
+    ema = groups.pop(EMA, None)
+    if ema is not None and cfg.student.use_ema:
+        groups[GEN] = ema
     try:
-        roles.load_adapter_state(ckpt_io.load_groups(ckpt))
+        roles.load_adapter_state(groups)
     except KeyError as exc:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit its run's config: {exc}",
                                       "the run directory was modified; use the config.yaml it was trained with") from None

@@ -23,6 +23,7 @@ import torch
 
 from dmdr_cli.engine import checkpoint as ckpt_io
 from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, simulate_and_select
+from dmdr_cli.engine.ema import EMA, ema_copy, ema_update
 from dmdr_cli.engine.networks import GEN, GUIDE
 from dmdr_cli.engine.sampler import PromptEncodings
 from dmdr_cli.errors import DmdrError
@@ -55,6 +56,7 @@ class TrainPlan:
     dmd: DMDSettings = field(default_factory=DMDSettings)
     identity: dict = field(default_factory=dict)
     stage_start: int = 0            # generator step this stage started at (stage 2: the stage-1 step)
+    ema_decay: float = 0.0          # EMA of the generator weights (engine.ema); 0 = none, as the official recipes
 
 
 def _adamw(params, lr, wd, plan: TrainPlan, device):
@@ -92,6 +94,8 @@ class Trainer:
         self.latent_shape = self.family.latent_shape(bundle, plan.resolution)
         self.uncond = self.family.encode_prompts(bundle, [""])
         self.encode = PromptEncodings(self.family, bundle)
+        self.ema = ema_copy(roles.gen_parameters()) if plan.ema_decay > 0 else None
+        self.ema_updates = 0
 
     # -- state ------------------------------------------------------------------------------------
     def set_lrs(self) -> dict[str, float]:
@@ -107,11 +111,22 @@ class Trainer:
         state = ckpt_io.read_state(ckpt)
         ckpt_io.check_identity(state, self.plan.identity, ckpt)
         tensors = ckpt_io.load_groups(ckpt)
+        saved_ema = tensors.pop(EMA, None)
+        if saved_ema is not None and not same_stage:  # a new stage continues from the student, the previous EMA
+            tensors[GEN] = saved_ema
         try:
             self.roles.load_adapter_state(tensors)
         except KeyError as exc:
             raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit this model: {exc}",
                                           "resume with the preset and LoRA ranks it was trained with") from None
+        if self.ema is not None:
+            self.ema = ema_copy(self.roles.gen_parameters())
+            self.ema_updates = 0
+            if same_stage and saved_ema is not None:
+                with torch.no_grad():
+                    for n, v in self.ema.items():
+                        v.copy_(saved_ema[n])
+                self.ema_updates = int(state.get("ema_updates", 0))
         optim, rng = ckpt_io.load_extras(ckpt)
         self.opt_g.load_state_dict(optim[GEN])
         self.opt_c.load_state_dict(optim[GUIDE])
@@ -123,7 +138,8 @@ class Trainer:
             ckpt_io.restore_global_rng(rng)
             self.stream.restore(state["prompt_stream"])
         self.sink.event(f"resumed from {ckpt.name} (k={self.k}, j={self.j}); " +
-                        ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()))
+                        ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()) +
+                        ("; generator from its EMA weights" if saved_ema is not None and not same_stage else ""))
 
     def _check_ranks_in_sync(self) -> None:
         """All ranks must hold the same trainable weights (gradients are all-reduced, not weights): a plain
@@ -137,8 +153,9 @@ class Trainer:
                             "launch with `accelerate launch --multi_gpu` or torchrun so a process group exists")
 
     def save(self) -> Path | None:
-        bad = [n for n, p in {**self.roles.gen_parameters(), **self.roles.guide_parameters()}.items()
-               if not torch.isfinite(p).all()]
+        named = [*self.roles.gen_parameters().items(), *self.roles.guide_parameters().items(),
+                 *((f"{EMA}:{n}", v) for n, v in (self.ema or {}).items())]
+        bad = [n for n, p in named if not torch.isfinite(p).all()]
         if bad:  # never replace a good checkpoint with broken weights
             where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
             raise TrainingDiverged(f"{len(bad)} trainable tensors became non-finite at generator step {self.k} "
@@ -150,8 +167,12 @@ class Trainer:
                      "prompt_stream": self.stream.state(),
                      "grid": list(self.spec.grid), "t_end": self.spec.t_end, "mode": self.spec.mode,
                      "schedule": {"dynamic_steps": self.plan.dmd.dynamic_steps}, **self.plan.identity}
+            tensors = self.roles.adapter_state()
+            if self.ema is not None:
+                tensors[EMA] = {n: v.detach().cpu().clone() for n, v in self.ema.items()}
+                state.update(ema_decay=self.plan.ema_decay, ema_updates=self.ema_updates)
             optim = {GEN: self.opt_g.state_dict(), GUIDE: self.opt_c.state_dict()}
-            self.last_saved = ckpt_io.save(self.plan.run_dir, self.k, self.roles.adapter_state(), optim,
+            self.last_saved = ckpt_io.save(self.plan.run_dir, self.k, tensors, optim,
                                            _RankStates(states), state, self.plan.keep_last)
             self.sink.event(f"checkpoint {self.last_saved.name}")
         self.accel.wait_for_everyone()
@@ -209,6 +230,10 @@ class Trainer:
             skip = s.nan_mode == "clean" and stats.get("dmd/nonfinite", 0) > 0
             if not skip:
                 self.opt_g.step()
+                if self.ema is not None:
+                    self.ema_updates += 1
+                    stats["ema/decay"] = ema_update(self.ema, self.roles.gen_parameters(), self.plan.ema_decay,
+                                                    self.ema_updates)
             stats["dmd/skipped"] = float(skip)
             self.opt_g.zero_grad(set_to_none=True)
             self.opt_c.zero_grad(set_to_none=True)

@@ -410,3 +410,79 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert [p.name for p in checkpoint_dirs(run)] == ["step-000001"]
     for tensor in load_groups(checkpoint_dirs(run)[-1])["gen"].values():
         assert torch.isfinite(tensor).all()
+
+
+# -- generator EMA ------------------------------------------------------------------------------------------
+
+EMA_SETS = ("--set", "distill.ema_decay=0.5", "--set", "distill.checkpoint_every=1", "--set", "distill.keep_last=10",
+            "--set", "distill.sample_every=0")
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ema") / "run"
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 3, "--out", run, *EMA_SETS))
+    return run
+
+
+def test_ema_is_saved_and_follows_the_update_rule(ema_run):
+    from dmdr_cli.engine.ema import ema_decay_at
+
+    ckpts = checkpoint_dirs(ema_run)
+    assert [c.name for c in ckpts] == ["step-000001", "step-000002", "step-000003"]
+    groups = [tensors(c) for c in ckpts]
+    assert all(set(g) == {"gen", "guide", "gen_ema"} for g in groups)
+    assert [read_state(c)["ema_updates"] for c in ckpts] == [1, 2, 3]
+    assert read_state(ckpts[-1])["ema_decay"] == 0.5
+    for k in (2, 3):  # ema_k = d_k * ema_{k-1} + (1 - d_k) * theta_k, recomputed from the saved tensors
+        d = ema_decay_at(0.5, k)
+        prev, cur = groups[k - 2], groups[k - 1]
+        for n, v in cur["gen_ema"].items():
+            torch.testing.assert_close(v, d * prev["gen_ema"][n] + (1 - d) * cur["gen"][n], rtol=1e-6, atol=1e-7)
+    last = groups[-1]
+    assert any(not torch.equal(last["gen_ema"][n], last["gen"][n]) for n in last["gen"])
+    assert [m["ema/decay"] for m in read_metrics(ema_run / "metrics.jsonl")] == pytest.approx(
+        [ema_decay_at(0.5, k) for k in (1, 2, 3)])
+
+
+def test_ema_resume_is_bit_identical(ema_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ema_run, resumed)
+    for c in checkpoint_dirs(resumed)[1:]:  # stopped after step 1
+        shutil.rmtree(c)
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 3, "--out", resumed, "--resume", *EMA_SETS))
+    a, b = tensors(ema_run / "checkpoints/step-000003"), tensors(resumed / "checkpoints/step-000003")
+    assert a.keys() == b.keys() == {"gen", "guide", "gen_ema"}
+    for group in a:
+        for n in a[group]:
+            assert torch.equal(a[group][n], b[group][n]), (group, n)
+    assert read_state(resumed / "checkpoints/step-000003")["ema_updates"] == 3
+
+
+def test_the_student_is_the_ema_unless_asked_otherwise(ema_run):
+    from dmdr_cli.config.loader import resolve_run
+    from dmdr_cli.engine.student import load_student
+
+    saved = tensors(ema_run / "checkpoints/step-000003")
+    for sets, group in (([], "gen_ema"), (["student.use_ema=false"], "gen")):
+        _, roles, _ = load_student(resolve_run(ema_run, sets=sets), ema_run / "checkpoints/step-000003")
+        for n, p in roles.gen_parameters().items():
+            assert torch.equal(p.detach(), saved[group][n]), (group, n)
+
+
+def test_stage_2_starts_from_the_stage_1_ema(ema_run, tmp_path):
+    out = tmp_path / "rl"  # learning rate 0: AdamW leaves the weights exactly where stage 2 started them
+    res = dmdr("finetune-rl", "--from", ema_run, "--rl", "none", "--max-steps", 1, "--out", out,
+               "--set", "finetune_rl.lr=0", "--set", "finetune_rl.sample_every=0", "--set", "finetune_rl.ema_decay=0.9")
+    ok(res)
+    assert "generator from its EMA weights" in res.output
+    s1, s2 = tensors(ema_run / "checkpoints/step-000003"), tensors(out / "checkpoints/step-000004")
+    assert set(s2) == {"gen", "guide", "gen_ema"} and read_state(out / "checkpoints/step-000004")["ema_updates"] == 1
+    for n in s1["gen"]:
+        assert torch.equal(s2["gen"][n], s1["gen_ema"][n]) and torch.equal(s2["gen_ema"][n], s1["gen_ema"][n]), n
+
+
+def test_ema_decay_out_of_range_is_refused(tmp_path):
+    fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 1, "--out", tmp_path / "r",
+                       "--set", "distill.ema_decay=1"), "distill.ema_decay must be in [0, 1)")
+    assert not (tmp_path / "r").exists()
