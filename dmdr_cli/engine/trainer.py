@@ -242,6 +242,25 @@ class Trainer:
         self.j += 1
         return stats
 
+    @contextmanager
+    def _ema_weights(self):
+        """With an EMA, the generator holds the EMA weights inside the block (the student the grids should show)
+        and its own weights again, bit for bit, after it."""
+        if self.ema is None:
+            yield
+            return
+        params = self.roles.gen_parameters()
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
     # -- samples ------------------------------------------------------------------------------------
     def write_samples(self) -> Path | None:
         if not self.is_main or not self.sample_prompts:
@@ -249,7 +268,7 @@ class Trainer:
         from dmdr_cli.engine.images import make_grid, save_png, to_pil
         from dmdr_cli.engine.sampler import generate
 
-        with self.roles.role("gen") as net:
+        with self._ema_weights(), self.roles.role("gen") as net:
             imgs = generate(self.bundle, net, self.spec, self.sample_prompts, list(range(len(self.sample_prompts))),
                             self.plan.resolution)
         path = save_png(make_grid([to_pil(i) for i in imgs]), self.plan.run_dir / "samples" / f"step-{self.k:06d}.png")

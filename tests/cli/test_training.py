@@ -486,3 +486,15 @@ def test_ema_decay_out_of_range_is_refused(tmp_path):
     fails_cleanly(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 1, "--out", tmp_path / "r",
                        "--set", "distill.ema_decay=1"), "distill.ema_decay must be in [0, 1)")
     assert not (tmp_path / "r").exists()
+
+
+def test_sample_grids_show_the_ema_and_leave_training_untouched(ema_run, tmp_path):
+    run = tmp_path / "with-samples"  # the same run, sampling a grid at every step (with the EMA swapped in)
+    ok(dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run, *EMA_SETS,
+            "--set", "distill.sample_every=1"))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000.png", "step-000001.png",
+                                                                  "step-000002.png"]
+    a, b = tensors(ema_run / "checkpoints/step-000002"), tensors(run / "checkpoints/step-000002")
+    for group in a:
+        for n in a[group]:
+            assert torch.equal(a[group][n], b[group][n]), (group, n)
