@@ -72,12 +72,13 @@ class ImageGenerator:
 def student_of_run(cfg, run_dir: Path, step: int | None = None) -> ImageGenerator:
     """The student of a dmdr run (gen adapter merged into the weights) on its training grid, guidance-free."""
     from dmdr_cli.engine.checkpoint import latest
-    from dmdr_cli.engine.student import load_student_for_inference
+    from dmdr_cli.engine.student import load_student_for_inference, uses_ema
 
     ckpt = latest(run_dir, step)
     bundle, net = load_student_for_inference(cfg, ckpt)
     spec = student_spec(bundle.family, cfg.student)
-    return ImageGenerator(f"student {cfg.student.steps}-step ({Path(run_dir).name}@{ckpt.name})", bundle, spec,
+    ema = ", EMA" if uses_ema(cfg, ckpt) else ""
+    return ImageGenerator(f"student {cfg.student.steps}-step ({Path(run_dir).name}@{ckpt.name}{ema})", bundle, spec,
                           cfg.model.resolution, network=net)
 
 

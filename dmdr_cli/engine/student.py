@@ -17,6 +17,11 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "config.yaml").is_file() and (p / "checkpoints").is_dir()
 
 
+def uses_ema(cfg, ckpt: Path) -> bool:
+    """Whether the student of this checkpoint is its generator EMA (saved, and ``student.use_ema``)."""
+    return bool(cfg.student.use_ema) and (Path(ckpt) / f"{EMA}.safetensors").is_file()
+
+
 def load_student(cfg, ckpt: Path, device=None):
     """(bundle, roles) with the checkpoint's adapters loaded; the ``gen`` role is the student: the checkpoint's
     EMA weights when it has them and ``student.use_ema`` (the default), else its last iterate."""

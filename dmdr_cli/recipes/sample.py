@@ -53,12 +53,12 @@ def run(cfg, req: SampleRequest, on_progress: Callable[[int, int], None] | None 
 
     guidance = req.guidance
     if req.student_ckpt is not None:  # a trained student: its own grid, no CFG unless asked
-        from dmdr_cli.engine.student import load_student_for_inference
+        from dmdr_cli.engine.student import load_student_for_inference, uses_ema
 
         bundle, student_net = load_student_for_inference(cfg, req.student_ckpt)
         net_ctx = nullcontext(student_net)
         spec = student_spec(bundle.family, cfg.student, req.steps or cfg.student.steps, guidance or 1.0)
-        kind = f"student@{req.student_ckpt.name}"
+        kind = f"student@{req.student_ckpt.name}" + (":ema" if uses_ema(cfg, req.student_ckpt) else "")
     else:
         bundle = load_base(cfg)
         net_ctx = nullcontext(None)

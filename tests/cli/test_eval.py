@@ -285,7 +285,7 @@ def test_digits_bench_compares_teacher_runs_and_student_in_one_report(digits_run
             "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert set(data["speedups"]) == {"d", "student"} and data["speedup"] == data["speedups"]["student"]
     report = (out / "report.md").read_text()
-    assert report.index("teacher 6-step") < report.index("(d@step-000002)") and "digits-FID" in report
+    assert report.index("teacher 6-step") < report.index("(d@step-000002, EMA)") and "digits-FID" in report
     assert Image.open(out / "compare.png").size[0] >= 3 * 96
     # the same --compare twice is refused
     res = runner.invoke(app, ["eval", "--ckpt", str(digits_run), "--compare", "teacher", "--compare", "teacher",

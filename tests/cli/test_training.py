@@ -498,3 +498,23 @@ def test_sample_grids_show_the_ema_and_leave_training_untouched(ema_run, tmp_pat
     for group in a:
         for n in a[group]:
             assert torch.equal(a[group][n], b[group][n]), (group, n)
+
+
+def test_sample_and_eval_name_the_ema_student(ema_run, tmp_path):
+    out = tmp_path / "s"
+    ok(dmdr("sample", "a red circle", "--ckpt", ema_run, "--out", out))
+    meta = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    assert meta["sampler"] == "student@step-000003:ema"
+    ok(dmdr("sample", "a red circle", "--ckpt", ema_run, "--out", tmp_path / "raw", "--set", "student.use_ema=false"))
+    raw = json.loads((tmp_path / "raw" / "metadata.jsonl").read_text().splitlines()[0])
+    assert raw["sampler"] == "student@step-000003"
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(out / "00000.png") as a, Image.open(tmp_path / "raw" / "00000.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # the EMA and the last iterate are other students
+
+    from dmdr_cli.config.loader import resolve_run
+    from dmdr_cli.engine.generators import student_of_run
+
+    assert student_of_run(resolve_run(ema_run), ema_run).label.endswith("@step-000003, EMA)")
