@@ -99,6 +99,15 @@ def coerce(key: str, value: Any, tp: Any, item: type | None = None) -> Any:
         if item is not None:
             return [_coerce_item(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
         return list(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {value!r} is not a valid YAML mapping", "e.g. {color_weight: 1.0}") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
     raise bad  # pragma: no cover - schema uses only the types above
 
 

@@ -125,6 +125,7 @@ class RewardSpec:
     margin: Optional[float] = _f(0.7, "ReFL hinge margin; null: plain -reward.")
     prefix: str = _f("", "Text prepended to the prompt for this reward (HPS 'magic prompt').")
     path: str = _f("", "Local weights of the reward model.")
+    options: dict = _f({}, "Builder options of the reward (e.g. digit-cls term weights {color_weight: 1.0}); unknown ones are refused.")
 
 
 @dataclass
@@ -137,7 +138,7 @@ class FinetuneRLConfig:
     lr: float = _f(5e-7, "Stage-2 generator learning rate (re-applied after loading optimiser state).")
     lr_guide: float = _f(2e-7, "Stage-2 guide learning rate (re-applied after loading optimiser state).")
     dmd_weight: float = _f(1.0, "Weight of the DMD loss (0 = 'RL only' ablation).")
-    rewards: list = _f([], "Reward terms: list of {name, weight, margin, prefix, path}.", item=RewardSpec)
+    rewards: list = _f([], "Reward terms: list of {name, weight, margin, prefix, path, options}.", item=RewardSpec)
     dpo_beta: float = _f(1000.0, "DPO beta (scale of x0-error differences).")
     dpo_samples: int = _f(4, "DPO samples per prompt (best vs worst).")
     dpo_weight: float = _f(1.0, "DPO loss weight.")

@@ -28,7 +28,7 @@ def reward_terms(cfg, device):
 
     terms = []
     for spec in cfg.finetune_rl.rewards:
-        reward = build_reward(spec["name"], path=spec.get("path", ""), device=device)
+        reward = build_reward(spec["name"], path=spec.get("path", ""), device=device, **(spec.get("options") or {}))
         terms.append((reward, float(spec["weight"]), spec.get("margin"), spec.get("prefix", "")))
     return terms
 

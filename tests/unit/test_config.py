@@ -155,8 +155,25 @@ def test_optional_margin_null():
 def test_reward_items_are_validated_and_filled():
     cfg = with_set("finetune_rl.rewards=[{name: clip, weight: '0.3'}]")
     (item,) = cfg.finetune_rl.rewards
-    assert item == {"name": "clip", "weight": 0.3, "margin": 0.7, "prefix": "", "path": ""}
+    assert item == {"name": "clip", "weight": 0.3, "margin": 0.7, "prefix": "", "path": "", "options": {}}
     assert type(item["weight"]) is float
+
+
+def test_reward_options_are_a_mapping_passed_to_the_builder():
+    from dmdr_cli.recipes.finetune_rl import reward_terms
+
+    cfg = with_set("finetune_rl.rewards=[{name: digit-cls, weight: 0.1, margin: null, "
+                   "options: {color_weight: 0.5, ink_weight: 2}}]")
+    assert cfg.finetune_rl.rewards[0]["options"] == {"color_weight": 0.5, "ink_weight": 2}
+    ((reward, weight, margin, prefix),) = reward_terms(cfg, "cpu")
+    assert (reward.color_weight, reward.ink_weight, reward.position_weight) == (0.5, 2.0, 4.0)  # the rest: defaults
+    assert (weight, margin, prefix) == (0.1, None, "")
+    with pytest.raises(ConfigError, match=r"finetune_rl\.rewards\[0\]\.options must be of type dict"):
+        with_set("finetune_rl.rewards=[{name: digit-cls, options: [1, 2]}]")
+    bad = with_set("finetune_rl.rewards=[{name: digit-cls, options: {colour_weight: 1}}]")
+    with pytest.raises(ConfigError, match="reward 'digit-cls' has no option colour_weight") as err:
+        reward_terms(bad, "cpu")
+    assert "color_weight" in str(err.value)
 
 
 def test_reward_item_unknown_key_is_an_error():
