@@ -34,7 +34,7 @@ def load_student(cfg, ckpt: Path, device=None):
     ckpt_io.check_identity(state, identity(cfg, bundle), ckpt)
     groups = ckpt_io.load_groups(ckpt)
     ema = groups.pop(EMA, None)
-    if ema is not None and cfg.student.use_ema:
+    if uses_ema(cfg, ckpt):  # one rule for which weights are the student (labels and metadata use it too)
         groups[GEN] = ema
     try:
         roles.load_adapter_state(groups)
