@@ -6,13 +6,16 @@ One loaded base, one set of adapters, one trainer; the two variants alternate on
 steps) at a time, so machine load affects them equally; the first step of each is warm-up.
 
 - ``library``: roles switched through diffusers' ``enable_adapters``/``disable_adapters``/``set_adapters`` (plus
-  the ``requires_grad`` repair they need), the whole SDE backward simulation for every sample, every prompt
-  batch encoded by the text encoders;
-- ``dmdr``: the direct LoRA-layer switch, the simulation stopped at the ``X0[i]`` each sample uses, one encoding
-  per distinct training prompt (``engine.sampler.PromptEncodings``).
+  the ``requires_grad`` repair they need), the whole SDE backward simulation for every sample, one simulation
+  per inner step, every prompt batch encoded by the text encoders;
+- ``dmdr``: the direct LoRA-layer switch, the simulation stopped at the ``X0[i]`` each sample uses, one batched
+  simulation for all inner steps that see the same generator weights (``distill.group_simulation``), one
+  encoding per distinct training prompt (``engine.sampler.PromptEncodings``).
 
 Both do the same maths (tests/unit: ``test_fast_switch_sets_the_library_state_and_outputs``,
-``test_truncated_sde_simulation_equals_the_full_one``, ``test_encode_unique_and_prompt_encodings_...``). Writes
+``test_truncated_sde_simulation_equals_the_full_one``, ``test_encode_unique_and_prompt_encodings_...``,
+``test_simulation_groups_follow_the_generator_updates``; the grouped simulation draws the same distribution with
+its random numbers in another order). Writes
 ``benchmarks/results/train_step-<base>-<device>.json`` with the ratio library / dmdr.
 """
 
@@ -81,6 +84,7 @@ def main() -> None:
     def use(variant: str) -> None:
         library = variant == "library"
         roles._switch = library_switch if library else fast_switch
+        tr.plan.group_simulation = not library
         tr.encode = (lambda p: bundle.family.encode_prompts(bundle, p)) if library else fast_encode
         trainer_mod.simulate_and_select = full_simulation if library else simulate_and_select
         roles._apply(roles.state, force=True)

@@ -98,6 +98,7 @@ class DistillConfig:
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs CUDA and bitsandbytes).")
     grad_clip: float = _f(1.0, "Gradient-norm clip of each optimiser.")
     ttur: int = _f(5, "Critic updates per generator update.")
+    group_simulation: bool = _f(True, "Run the backward simulations of the inner steps that see the same generator weights (up to ttur + 1) as one batch: same distribution, fewer network calls (both stages); false: one simulation per inner step (less no-grad activation memory).")
     real_cfg: float = _f(7.0, "Real-score CFG w0; each DMD call draws w ~ U[w0 - jitter, w0 + jitter]; <= 1 disables CFG.")
     cfg_jitter: float = _f(0.5, "Half-width of the real-score CFG jitter.")
     fake_scale: float = _f(2.0, "LoRA scale of the guide adapter as fake score (lambda_f).")

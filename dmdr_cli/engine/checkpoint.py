@@ -5,6 +5,8 @@ Layout of ``RUN/checkpoints/step-00000K/``:
     gen.safetensors      generator adapter (or full generator) tensors, keyed by parameter name
     gen_ema.safetensors  their exponential moving average (only with distill/finetune_rl.ema_decay > 0)
     guide.safetensors    guide (fake score) adapter tensors
+    pending.safetensors  only in a checkpoint taken inside a simulation group (a second Ctrl-C): the simulated
+                         generator inputs of the group's remaining inner steps, so the resume is exact
     optimizer.pt         AdamW states {"gen": ..., "guide": ...}
     rng.pt               the training generator state (and torch/python/numpy global states)
     state.json           counters (k, j), stage, schedule positions, prompt-stream position, identity
@@ -97,11 +99,14 @@ def load_tensors(ckpt: Path, group: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})", "delete this checkpoint to fall back to an older one") from None
 
 
+PENDING = "pending"
+
+
 def load_groups(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every adapter group saved in a checkpoint: ``gen``, ``guide``, after DPO ``gen_ref``, with an EMA
-    ``gen_ema``."""
+    """Every tensor group saved in a checkpoint: ``gen``, ``guide``, after DPO ``gen_ref``, with an EMA
+    ``gen_ema``, mid-group ``pending`` (the trainer's simulated inputs, not an adapter)."""
     groups = {g: load_tensors(ckpt, g) for g in ("gen", "guide")}
-    for optional in ("gen_ref", "gen_ema"):
+    for optional in ("gen_ref", "gen_ema", PENDING):
         if (Path(ckpt) / f"{optional}.safetensors").is_file():
             groups[optional] = load_tensors(ckpt, optional)
     return groups

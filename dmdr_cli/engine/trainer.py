@@ -14,6 +14,7 @@ import resource
 import signal
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class TrainPlan:
     identity: dict = field(default_factory=dict)
     stage_start: int = 0            # generator step this stage started at (stage 2: the stage-1 step)
     ema_decay: float = 0.0          # EMA of the generator weights (engine.ema); 0 = none, as the official recipes
+    group_simulation: bool = True   # one batched backward simulation per generator state (Trainer._next_inputs)
 
 
 def _adamw(params, lr, wd, plan: TrainPlan, device):
@@ -96,6 +98,7 @@ class Trainer:
         self.encode = PromptEncodings(self.family, bundle)
         self.ema = ema_copy(roles.gen_parameters()) if plan.ema_decay > 0 else None
         self.ema_updates = 0
+        self._pending: deque = deque()  # (prompts, x_c, x_in, t_g) of this generator state's remaining inner steps
 
     # -- state ------------------------------------------------------------------------------------
     def set_lrs(self) -> dict[str, float]:
@@ -112,6 +115,7 @@ class Trainer:
         ckpt_io.check_identity(state, self.plan.identity, ckpt)
         tensors = ckpt_io.load_groups(ckpt)
         saved_ema = tensors.pop(EMA, None)
+        pending = tensors.pop(ckpt_io.PENDING, None)
         if saved_ema is not None and not same_stage:  # a new stage continues from the student, the previous EMA
             tensors[GEN] = saved_ema
         try:
@@ -137,9 +141,18 @@ class Trainer:
                 self.gen.set_state(states[self.rank])
             ckpt_io.restore_global_rng(rng)
             self.stream.restore(state["prompt_stream"])
+            if pending is not None:
+                self._restore_pending(pending, state.get("pending_prompts", []))
         self.sink.event(f"resumed from {ckpt.name} (k={self.k}, j={self.j}); " +
                         ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()) +
                         ("; generator from its EMA weights" if saved_ema is not None and not same_stage else ""))
+
+    def _restore_pending(self, tensors: dict[str, torch.Tensor], batches: list[list[str]]) -> None:
+        at = 0
+        for b in batches:
+            rows = slice(at, at + len(b))
+            self._pending.append((list(b), *(tensors[n][rows].to(self.device) for n in ("x_c", "x_in", "t_g"))))
+            at += len(b)
 
     def _check_ranks_in_sync(self) -> None:
         """All ranks must hold the same trainable weights (gradients are all-reduced, not weights): a plain
@@ -171,6 +184,11 @@ class Trainer:
             if self.ema is not None:
                 tensors[EMA] = {n: v.detach().cpu().clone() for n, v in self.ema.items()}
                 state.update(ema_decay=self.plan.ema_decay, ema_updates=self.ema_updates)
+            if self._pending and self.world == 1:  # inside a simulation group (an immediate interrupt):
+                # keep its samples so the resume is exact (several ranks redraw theirs)
+                tensors[ckpt_io.PENDING] = {name: torch.cat([item[i + 1] for item in self._pending]).detach().cpu()
+                                            for i, name in enumerate(("x_c", "x_in", "t_g"))}
+                state["pending_prompts"] = [item[0] for item in self._pending]
             optim = {GEN: self.opt_g.state_dict(), GUIDE: self.opt_c.state_dict()}
             self.last_saved = ckpt_io.save(self.plan.run_dir, self.k, tensors, optim,
                                            _RankStates(states), state, self.plan.keep_last)
@@ -186,6 +204,34 @@ class Trainer:
         return gather_object(obj)
 
     # -- one inner step ---------------------------------------------------------------------------
+    def group_size(self) -> int:
+        """Inner steps from ``j`` up to and including the next generator update (``j % ttur == 0, j > 0``): they
+        all simulate the same generator weights (ttur + 1 for the first group, ttur after each update)."""
+        ttur = self.plan.dmd.ttur
+        return max(ttur, -(-self.j // ttur) * ttur) - self.j + 1
+
+    def _next_inputs(self):
+        """Prompts, ``x_c``, ``x_in`` and ``t_g`` of the next inner step.
+
+        The generator changes only at its update, so the backward simulations of the inner steps up to it are
+        independent draws from one generator state: with ``group_simulation`` they run as one batch (their
+        prompt batches concatenated; same distribution, one set of network calls instead of ``group_size``,
+        2.3-2.5x faster simulation on tiny-sd3). The random draws then come in a different order than one
+        simulation per inner step, so the two settings train different (equally valid) trajectories."""
+        if not self._pending:
+            n = self.group_size() if self.plan.group_simulation else 1
+            batches = [self.stream.next() for _ in range(n)]
+            flat = [p for b in batches for p in b]
+            x_c, x_in, t_g, _ = simulate_and_select(self.roles, self.family, self.spec, self.encode(flat),
+                                                    self.latent_shape, self.gen, self.device, self.bundle.dtype,
+                                                    self.plan.sde_input)
+            at = 0
+            for b in batches:
+                rows = slice(at, at + len(b))
+                self._pending.append((b, x_c[rows], x_in[rows], t_g[rows]))
+                at += len(b)
+        return self._pending.popleft()
+
     def _sync_grads(self, params) -> None:
         if self.world == 1:
             return
@@ -203,10 +249,8 @@ class Trainer:
 
     def inner_step(self) -> dict | None:
         s = self.plan.dmd
-        prompts = self.stream.next()
+        prompts, x_c, x_in, t_g = self._next_inputs()
         cond = self.encode(prompts)
-        x_c, x_in, t_g, _ = simulate_and_select(self.roles, self.family, self.spec, cond, self.latent_shape, self.gen,
-                                                self.device, self.bundle.dtype, self.plan.sde_input)
         guide = list(self.roles.guide_parameters().values())
         gen = list(self.roles.gen_parameters().values())
         with self.accel.autocast():
@@ -278,8 +322,11 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------------
     @contextmanager
     def _deferred_interrupt(self):
-        """The first Ctrl-C only sets a flag, honoured between inner steps (a checkpoint taken mid-step would
-        hold a half-updated state); a second Ctrl-C interrupts at once."""
+        """The first Ctrl-C only sets a flag, honoured at the next simulation-group boundary (after a generator
+        update, at most ``ttur + 1`` inner steps away): a checkpoint taken mid-step would hold a half-updated
+        state, one taken mid-group would lose the group's simulated samples. A second Ctrl-C interrupts at once
+        (that checkpoint resumes, but not bit-exactly).
+        """
         self._interrupted = False
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -309,7 +356,7 @@ class Trainer:
             if self.k == 0 and plan.sample_every > 0:
                 self.write_samples()
             while self.k < plan.max_steps:
-                if self._interrupted:
+                if self._interrupted and not self._pending:  # at a group boundary: the checkpoint resumes exactly
                     raise KeyboardInterrupt
                 stats = self.inner_step()
                 if stats is None:

@@ -127,7 +127,7 @@ def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
                      adam_eps=d.adam_eps, use_8bit_adam=d.use_8bit_adam, checkpoint_every=d.checkpoint_every,
                      sample_every=d.sample_every, keep_last=d.keep_last, sde_input=cfg.student.sde_input,
                      seed=cfg.runtime.seed, resolution=cfg.model.resolution, dmd=dmd_settings(cfg),
-                     identity=identity(cfg, bundle), ema_decay=d.ema_decay)
+                     identity=identity(cfg, bundle), ema_decay=d.ema_decay, group_simulation=d.group_simulation)
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
     trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=sample_prompts(prompts))
     if resume:

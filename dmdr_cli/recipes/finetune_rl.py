@@ -61,7 +61,7 @@ def run(cfg, from_run: Path, run_dir: Path, *, resume: bool = False, sink=None):
                      checkpoint_every=f.checkpoint_every, sample_every=f.sample_every, keep_last=d.keep_last,
                      sde_input=cfg.student.sde_input, seed=cfg.runtime.seed + 1, resolution=cfg.model.resolution,
                      dmd=dmd_settings(cfg, dmd_weight=f.dmd_weight), identity=identity(cfg, bundle), stage_start=start,
-                     ema_decay=f.ema_decay)
+                     ema_decay=f.ema_decay, group_simulation=d.group_simulation)
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
     trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=sample_prompts(prompts), rl_fn=plugin)
     trainer.restore(source, same_stage=resume)

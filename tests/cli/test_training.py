@@ -254,8 +254,11 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monke
     assert "interrupted" in res.output and "Traceback" not in res.output
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
     state = read_state(run / "checkpoints/step-000001")
-    assert (state["k"], state["j"]) == (1, 7) and state["prompt_stream"]["pos"] == 14
-    assert {p.name for p in (run / "checkpoints/step-000001").iterdir()} == RUN_FILES
+    # the second group (j = 6..10) was simulated at j = 6: the stream is past its 5 batches, and the 3 inner
+    # steps not yet run keep their simulated inputs in the checkpoint
+    assert (state["k"], state["j"]) == (1, 7) and state["prompt_stream"]["pos"] == 22
+    assert len(state["pending_prompts"]) == 4 and all(len(b) == 2 for b in state["pending_prompts"])
+    assert {p.name for p in (run / "checkpoints/step-000001").iterdir()} == RUN_FILES | {"pending.safetensors"}
 
     # resuming mid-cycle reproduces the uninterrupted run bit for bit
     res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run, "--resume")
@@ -265,6 +268,31 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monke
     assert_same_tensors(run / "checkpoints/step-000002", sd3_run / "checkpoints/step-000002")
     assert metrics_by_step(run)[2] == metrics_by_step(sd3_run)[2]
 
+
+
+def test_first_ctrl_c_waits_for_the_simulation_group(sd3_run, tmp_path, monkeypatch):
+    """A first Ctrl-C (the flag) inside a simulation group finishes the group, so the checkpoint sits on a
+    generator update, holds no pending samples and equals the uninterrupted run's."""
+    from dmdr_cli.engine.trainer import Trainer
+
+    original = Trainer.inner_step
+    calls = {"n": 0}
+
+    def flag_on_8th(self):
+        calls["n"] += 1
+        if calls["n"] == 8:  # j = 7, inside the group j = 6..10
+            self._interrupted = True
+        return original(self)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "inner_step", flag_on_8th)
+        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 3, "--out", run)
+    assert res.exit_code == 130, res.output
+    assert calls["n"] == 11 and [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
+    assert read_state(run / "checkpoints/step-000002")["j"] == 11
+    assert {p.name for p in (run / "checkpoints/step-000002").iterdir()} == RUN_FILES
+    assert_same_tensors(run / "checkpoints/step-000002", sd3_run / "checkpoints/step-000002")
 
 # -- tiny-sdxl: 1-step student -------------------------------------------------------------------------
 

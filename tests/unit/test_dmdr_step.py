@@ -411,3 +411,40 @@ def test_ttur_counters(sd3, tmp_path, monkeypatch):
         assert {"loss/dmd", "loss/fake", "grad/gen_norm", "grad/guide_norm", "dmd/skipped"} <= set(s)
     # 11 inner steps consumed 11 batches of the prompt stream
     assert tr.stream.state()["epoch"] == 0 and tr.stream.state()["pos"] == 22
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_simulation_groups_follow_the_generator_updates(sd3, tmp_path, monkeypatch, grouped):
+    """Inner steps that see the same generator weights (j = 0..5, then 6..10, 11..15 at ttur 5) share one
+    batched backward simulation; each still gets its own prompt batch and rows; without grouping every inner
+    step simulates on its own."""
+    st = sd3
+    tr = _trainer(st, tmp_path, group_simulation=grouped)
+    sizes = []
+    for j, expected in [(0, 6), (1, 5), (4, 2), (5, 1), (6, 5), (10, 1), (11, 5)]:
+        tr.j = j
+        sizes.append(tr.group_size())
+        assert sizes[-1] == expected
+    tr.j = 0
+    batch_rows = []
+    real = trainer_mod.simulate_and_select
+
+    def counting(roles, family, spec, cond, *a, **kw):
+        batch_rows.append(len(cond))
+        return real(roles, family, spec, cond, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "simulate_and_select", counting)
+    seen = []
+    real_critic = trainer_mod.critic_loss
+
+    def critic(roles, family, s, x_c, cond, k, gen):
+        seen.append((x_c.shape[0], len(cond)))
+        return real_critic(roles, family, s, x_c, cond, k, gen)
+
+    monkeypatch.setattr(trainer_mod, "critic_loss", critic)
+    for _ in range(11):
+        tr.inner_step()
+    b = st.cfg.distill.batch_size
+    assert batch_rows == ([6 * b, 5 * b] if grouped else [b] * 11)
+    assert seen == [(b, b)] * 11 and tr.k == 2 and not tr._pending
+    assert tr.stream.state()["pos"] == 11 * b  # the same prompt batches in the same order either way
