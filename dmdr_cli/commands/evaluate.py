@@ -76,7 +76,7 @@ def evaluate(
                       detector=detector, detector_path=detector_path, clip_path=clip_path, options=options,
                       rewards=rewards, max_prompts=cfg.eval.max_prompts if max_prompts is None else max_prompts,
                       images_per_prompt=cfg.eval.images_per_prompt, seed=cfg.eval.seed, ref=ref,
-                      batch_size=cfg.eval.batch_size,
+                      batch_size=cfg.eval.batch_size, timing_rounds=cfg.eval.timing_rounds,
                       inception_weights=inception_weights, feature_extractor=feature_extractor,
                       fid_metrics=tuple(m.strip() for m in (metrics or "").split(",") if m.strip()),
                       device=cfg.runtime.device,

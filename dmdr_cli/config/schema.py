@@ -170,6 +170,7 @@ class EvalConfig:
     seed: int = _f(42, "Seed (GenEval's reference generator reseeds 42 per prompt).")
     max_prompts: int = _f(0, "Evaluate only the first N prompts (0 = all).")
     batch_size: int = _f(4, "Images per generator call (per-image seeds: images do not depend on it); seconds per image are measured at this batch.")
+    timing_rounds: int = _f(3, "With two or more models: after generating, each model regenerates the first batch this many times, the models taking turns, and its median is its seconds per image (machine drift cancels); 0: the median over its generation batches.")
 
 
 @dataclass

@@ -25,6 +25,7 @@ class ImageGenerator:
     roles: object | None = None
     network: torch.nn.Module | None = None  # a network other than ``bundle.network`` (a baked student)
     calls: list = field(default_factory=list, repr=False)  # (seconds, images) per call
+    first_inputs: tuple | None = field(default=None, repr=False)  # (prompts, seeds) of the first call
     _uncond: object = field(default=None, repr=False)
 
     @property
@@ -36,6 +37,17 @@ class ImageGenerator:
         return self.spec.guidance
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        if self.first_inputs is None:
+            self.first_inputs = (list(prompts), list(seeds))
+        imgs, seconds = self._generate(prompts, seeds)
+        self.calls.append((seconds, len(prompts)))
+        return imgs
+
+    def time_call(self, prompts: list[str], seeds: list[int]) -> float:
+        """Seconds per image of one call, not recorded in ``calls`` (``evaluation.timing``)."""
+        return self._generate(prompts, seeds)[1] / max(1, len(prompts))
+
+    def _generate(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, float]:
         fam = self.bundle.family
         if self.spec.guidance > 1.0 and self._uncond is None:
             self._uncond = fam.encode_prompts(self.bundle, [""])
@@ -46,8 +58,7 @@ class ImageGenerator:
         t0 = time.perf_counter()
         with ctx as net:
             imgs = generate(self.bundle, net, self.spec, prompts, seeds, self.resolution, self._uncond)
-        self.calls.append((time.perf_counter() - t0, len(prompts)))
-        return imgs
+        return imgs, time.perf_counter() - t0
 
     @property
     def seconds_per_image(self) -> float:

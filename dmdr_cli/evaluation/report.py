@@ -102,11 +102,8 @@ def write(out: Path, data: dict, samples: dict) -> Path:
     lines.append("")
     for name, x in data.get("speedups", {}).items():
         label = models.get(name, {}).get("label", name)
-        batch = data.get("request", {}).get("batch_size")
         lines += [f"**Speed-up of {label} over the teacher: {x:.1f}x** (wall-clock per image incl. text encoding "
-                  f"and VAE decoding, median over {f'batches of {batch}' if batch else 'batches'}, the first left out as "
-                  "warm-up, same "
-                  "prompts, seeds and machine).", ""]
+                  f"and VAE decoding, {_timing_note(data)}, same prompts, seeds and machine).", ""]
     canon = [r.get("canonical") for r in results.values() if isinstance(r, dict)]
     if canon and not all(canon):
         lines += ["Numbers marked non-canonical (offline backends, tiny or substitute models) are dmdr-internal "
@@ -124,3 +121,12 @@ def write(out: Path, data: dict, samples: dict) -> Path:
               "All numbers, options and the resolved config are in `eval.json`; per-image results in "
               "`<model>/results.jsonl`.", ""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _timing_note(data: dict) -> str:
+    how = data.get("timing", {})
+    if how.get("mode") == "interleaved":
+        return (f"median of {how['rounds']} calls of the first {how['images']} images per model, the models taking turns "
+                "after generation")
+    batch = how.get("images") or data.get("request", {}).get("batch_size")
+    return f"median over {f'batches of {batch}' if batch else 'batches'}, the first left out as warm-up"

@@ -46,6 +46,7 @@ class EvalRequest:
     images_per_prompt: int = 4
     seed: int = 42
     batch_size: int = 4                  # images per generator call (eval.batch_size)
+    timing_rounds: int = 3               # interleaved timing calls per model (eval.timing_rounds; 0 = generation medians)
     options_meta: dict = field(default_factory=dict)
     ref: str | None = None
     inception_weights: str | None = None
@@ -287,6 +288,7 @@ def score_digits(root: Path, out: Path, req: EvalRequest, detector, reward, ref:
 def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str, int], object]) -> dict:
     """Evaluate every generator (``{"student": g, "teacher": g}``) or just ``req.images``; returns eval.json's dict."""
     from dmdr_cli.evaluation import report
+    from dmdr_cli.evaluation.timing import interleaved_seconds
 
     out = req.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -378,7 +380,15 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
     else:
         raise InputError(f"unknown bench '{req.bench}'", "choose geneval, rewards, fid, kid, dpg or digits")
     timing = {name: {"seconds_per_image": g.seconds_per_image, **g.describe()} for name, g in generators.items()}
-    data = {"bench": req.bench, "results": results, "models": timing, "config": _config_dict(cfg),
+    inter = interleaved_seconds(generators, req.timing_rounds) if timing else None
+    if inter is not None:
+        for name, t in timing.items():
+            t["seconds_per_image_generation"] = t["seconds_per_image"]
+            t["seconds_per_image"] = inter["seconds_per_image"][name]
+        how = {"mode": "interleaved", "rounds": inter["rounds"], "images": inter["images"], "samples": inter["samples"]}
+    else:
+        how = {"mode": "generation", "images": req.batch_size}
+    data = {"bench": req.bench, "results": results, "models": timing, "timing": how, "config": _config_dict(cfg),
             "versions": _versions(), "request": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(req).items()
                                                  if k != "rewards"} | {"rewards": [n for n, _ in req.rewards]}}
     if "teacher" in timing:

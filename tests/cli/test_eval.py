@@ -129,6 +129,14 @@ def test_rewards_compare_teacher_writes_table_speedup_and_grids(tiny_run, tmp_pa
     assert set(data["results"]) == {"student", "teacher"}
     assert data["models"]["teacher"]["steps"] == 8 and data["models"]["student"]["steps"] == 4
     assert data["speedup"] > 0
+    # seconds per image come from the interleaved timing calls on the first batch (eval.timing_rounds = 3)
+    assert data["timing"]["mode"] == "interleaved" and data["timing"]["rounds"] == 3
+    for name in ("student", "teacher"):
+        m = data["models"][name]
+        assert len(data["timing"]["samples"][name]) == 3 and m["seconds_per_image_generation"] > 0
+        assert m["seconds_per_image"] == sorted(data["timing"]["samples"][name])[1]
+    assert data["speedup"] == data["models"]["teacher"]["seconds_per_image"] / data["models"]["student"]["seconds_per_image"]
+    assert "models taking turns" in (out / "report.md").read_text()
     for name in ("student", "teacher"):
         rows = [json.loads(x) for x in (out / name / "results.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]

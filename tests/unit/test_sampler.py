@@ -226,3 +226,33 @@ def test_encode_unique_and_prompt_encodings_equal_direct_encoding(request, which
     assert len(capped.rows) == 1 and capped.bytes <= cache.bytes // 3
     for key, ref in direct.tensors.items():  # prompts past the cap are still encoded, just not kept
         torch.testing.assert_close(out.tensors[key], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_interleaved_timing_alternates_models_on_the_first_batch():
+    from dmdr_cli.evaluation.report import _timing_note
+    from dmdr_cli.evaluation.timing import interleaved_seconds
+
+    log = []
+
+    class Fake:
+        def __init__(self, name, times):
+            self.name, self.times = name, iter(times)
+            self.first_inputs = (["a 1", "a 2"], [42, 43])
+
+        def time_call(self, prompts, seeds):
+            log.append((self.name, tuple(prompts), tuple(seeds)))
+            return next(self.times)
+
+    gens = {"teacher": Fake("teacher", [1.0, 9.0, 1.2]), "student": Fake("student", [0.1, 0.12, 0.5])}
+    got = interleaved_seconds(gens, rounds=3)
+    assert [n for n, _, _ in log] == ["teacher", "student"] * 3  # the models take turns
+    assert {(p, s) for _, p, s in log} == {(("a 1", "a 2"), (42, 43))}  # on one batch, the same for all
+    assert got["seconds_per_image"] == {"teacher": 1.2, "student": 0.12}  # medians: one slow call does not count
+    assert got["rounds"] == 3 and got["images"] == 2 and got["samples"]["teacher"] == [1.0, 9.0, 1.2]
+    assert interleaved_seconds(gens, rounds=0) is None
+    assert interleaved_seconds({"student": gens["student"]}, rounds=3) is None  # nothing to compare
+    gens["student"].first_inputs = None
+    assert interleaved_seconds(gens, rounds=3) is None  # a model that generated nothing
+    note = _timing_note({"timing": {"mode": "interleaved", "rounds": 3, "images": 96}})
+    assert note == "median of 3 calls of the first 96 images per model, the models taking turns after generation"
+    assert _timing_note({"timing": {"mode": "generation", "images": 48}}).startswith("median over batches of 48")
