@@ -234,27 +234,37 @@ def test_nan_stops_with_exit_2_and_keeps_the_last_checkpoint(tmp_path):
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1]
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monkeypatch):
+def _distill_interrupted_at_8th_inner_step(monkeypatch, out: Path, max_steps: int, action) -> tuple:
+    """``distill`` on tiny-sd3-random with ``action(trainer)`` run before the 8th inner step (j = 7, inside the
+    simulation group j = 6..10, two inner steps after the first generator update); returns (result, calls)."""
     from dmdr_cli.engine.trainer import Trainer
 
     original = Trainer.inner_step
     calls = {"n": 0}
 
-    def interrupt_on_8th(self):
+    def patched(self):
         calls["n"] += 1
-        if calls["n"] == 8:  # two inner steps after the first generator update (j = 5)
-            raise KeyboardInterrupt
+        if calls["n"] == 8:
+            action(self)
         return original(self)
 
-    run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "inner_step", interrupt_on_8th)
-        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 2, "--out", run)
+        m.setattr(Trainer, "inner_step", patched)
+        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", max_steps, "--out", out)
+    return res, calls["n"]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monkeypatch):
+    def stop_at_once(trainer):  # a second Ctrl-C
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    res, _ = _distill_interrupted_at_8th_inner_step(monkeypatch, run, 2, stop_at_once)
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "Traceback" not in res.output
     assert [c.name for c in checkpoint_dirs(run)] == ["step-000001"]
     state = read_state(run / "checkpoints/step-000001")
-    # the second group (j = 6..10) was simulated at j = 6: the stream is past its 5 batches, and the 3 inner
+    # the second group (j = 6..10) was simulated at j = 6: the stream is past its 5 batches, and the 4 inner
     # steps not yet run keep their simulated inputs in the checkpoint
     assert (state["k"], state["j"]) == (1, 7) and state["prompt_stream"]["pos"] == 22
     assert len(state["pending_prompts"]) == 4 and all(len(b) == 2 for b in state["pending_prompts"])
@@ -269,30 +279,20 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes_exactly(sd3_run, tmp_path, monke
     assert metrics_by_step(run)[2] == metrics_by_step(sd3_run)[2]
 
 
-
 def test_first_ctrl_c_waits_for_the_simulation_group(sd3_run, tmp_path, monkeypatch):
     """A first Ctrl-C (the flag) inside a simulation group finishes the group, so the checkpoint sits on a
     generator update, holds no pending samples and equals the uninterrupted run's."""
-    from dmdr_cli.engine.trainer import Trainer
-
-    original = Trainer.inner_step
-    calls = {"n": 0}
-
-    def flag_on_8th(self):
-        calls["n"] += 1
-        if calls["n"] == 8:  # j = 7, inside the group j = 6..10
-            self._interrupted = True
-        return original(self)
+    def flag(trainer):  # what the SIGINT handler does on a first Ctrl-C
+        trainer._interrupted = True
 
     run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "inner_step", flag_on_8th)
-        res = dmdr("distill", "--base", "tiny-sd3-random", "--max-steps", 3, "--out", run)
+    res, calls = _distill_interrupted_at_8th_inner_step(monkeypatch, run, 3, flag)
     assert res.exit_code == 130, res.output
-    assert calls["n"] == 11 and [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
+    assert calls == 11 and [c.name for c in checkpoint_dirs(run)] == ["step-000002"]
     assert read_state(run / "checkpoints/step-000002")["j"] == 11
     assert {p.name for p in (run / "checkpoints/step-000002").iterdir()} == RUN_FILES
     assert_same_tensors(run / "checkpoints/step-000002", sd3_run / "checkpoints/step-000002")
+
 
 # -- tiny-sdxl: 1-step student -------------------------------------------------------------------------
 
