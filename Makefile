@@ -38,7 +38,7 @@ demo: install
 	$(DMDR) export --ckpt $(DEMO_OUT)/distill-refl --format diffusers --out $(DEMO_OUT)/export
 	@echo "demo done: report $(DEMO_OUT)/eval/report.md (teacher vs student before/after RL); runs $(DEMO_OUT)/distill, $(DEMO_OUT)/distill-refl; exported pipeline $(DEMO_OUT)/export"
 
-# The DMDR paper's ablations in miniature on the digits world (about 10 minutes here; not part of CI). Tables, curves
+# The DMDR paper's ablations in miniature on the digits world (about 9 minutes here; not part of CI). Tables, curves
 # and sample rows go to docs/results/ (commit them); work folders to docs/results/work/ (ignored).
 paper-mini: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/paper_mini.py --out docs/results

@@ -1,6 +1,6 @@
 """The DMDR paper's claims in miniature on the digits world (``make paper-mini``; not part of CI).
 
-    python scripts/paper_mini.py --out docs/results            # the committed tables (about 30 min on 2 cores)
+    python scripts/paper_mini.py --out docs/results            # the committed tables (about 9 min on 2 cores)
     python scripts/paper_mini.py --out /tmp/pm --quick          # plumbing check in a few minutes
 
 Everything goes through the ``dmdr`` command line (``python -m dmdr_cli``), exactly as a user would run it, on the
