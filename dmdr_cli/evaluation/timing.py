@@ -2,7 +2,7 @@
 
 Each model's images are generated one model after the other, so the medians over their generation batches
 compare a teacher timed in one minute with a student timed in the next; on a shared machine whose speed drifts
-by 10-15 % within minutes that moved a measured speed-up from 10.3x to 9.1x between two identical runs. Here
+by 10-15 % within minutes, one demo's models measured 9.1x that way in one eval and 10.3x in the next. Here
 every model generates the evaluation's first batch (the same prompts and seeds for all), the models taking turns,
 ``rounds`` times, and each model's median over its rounds is its seconds per image.
 """
