@@ -73,5 +73,6 @@ def measure(bundle, specs, prompts, uncond, resolution, images, batch_size) -> d
                 times[name].append((time.perf_counter() - t0) / batch_size)
     return {k: sum(v) / len(v) for k, v in times.items()}
 
+
 if __name__ == "__main__":
     main()

@@ -30,6 +30,9 @@ from dmdr_cli.engine.sampler import PromptEncodings
 from dmdr_cli.errors import DmdrError
 
 
+PENDING_ROWS = ("x_c", "x_in", "t_g")  # the tensors of a pending inner step, as saved in pending.safetensors
+
+
 class TrainingDiverged(DmdrError):
     """A non-finite loss: the run stops, the last good checkpoint stays intact."""
 
@@ -142,16 +145,17 @@ class Trainer:
             ckpt_io.restore_global_rng(rng)
             self.stream.restore(state["prompt_stream"])
             if pending is not None:
-                self._restore_pending(pending, state.get("pending_prompts", []))
+                self._queue(state.get("pending_prompts", []), *(pending[n].to(self.device) for n in PENDING_ROWS))
         self.sink.event(f"resumed from {ckpt.name} (k={self.k}, j={self.j}); " +
                         ", ".join(f"{k}={v:g}" for k, v in self.set_lrs().items()) +
                         ("; generator from its EMA weights" if saved_ema is not None and not same_stage else ""))
 
-    def _restore_pending(self, tensors: dict[str, torch.Tensor], batches: list[list[str]]) -> None:
+    def _queue(self, batches: list[list[str]], x_c: torch.Tensor, x_in: torch.Tensor, t_g: torch.Tensor) -> None:
+        """Split one group's simulated rows back into its inner steps' (prompts, x_c, x_in, t_g)."""
         at = 0
         for b in batches:
             rows = slice(at, at + len(b))
-            self._pending.append((list(b), *(tensors[n][rows].to(self.device) for n in ("x_c", "x_in", "t_g"))))
+            self._pending.append((list(b), x_c[rows], x_in[rows], t_g[rows]))
             at += len(b)
 
     def _check_ranks_in_sync(self) -> None:
@@ -187,7 +191,7 @@ class Trainer:
             if self._pending and self.world == 1:  # inside a simulation group (an immediate interrupt):
                 # keep its samples so the resume is exact (several ranks redraw theirs)
                 tensors[ckpt_io.PENDING] = {name: torch.cat([item[i + 1] for item in self._pending]).detach().cpu()
-                                            for i, name in enumerate(("x_c", "x_in", "t_g"))}
+                                            for i, name in enumerate(PENDING_ROWS)}
                 state["pending_prompts"] = [item[0] for item in self._pending]
             optim = {GEN: self.opt_g.state_dict(), GUIDE: self.opt_c.state_dict()}
             self.last_saved = ckpt_io.save(self.plan.run_dir, self.k, tensors, optim,
@@ -225,11 +229,7 @@ class Trainer:
             x_c, x_in, t_g, _ = simulate_and_select(self.roles, self.family, self.spec, self.encode(flat),
                                                     self.latent_shape, self.gen, self.device, self.bundle.dtype,
                                                     self.plan.sde_input)
-            at = 0
-            for b in batches:
-                rows = slice(at, at + len(b))
-                self._pending.append((b, x_c[rows], x_in[rows], t_g[rows]))
-                at += len(b)
+            self._queue(batches, x_c, x_in, t_g)
         return self._pending.popleft()
 
     def _sync_grads(self, params) -> None:

@@ -128,5 +128,4 @@ def _timing_note(data: dict) -> str:
     if how.get("mode") == "interleaved":
         return (f"median of {how['rounds']} calls of the first {how['images']} images per model, the models taking turns "
                 "after generation")
-    batch = how.get("images") or data.get("request", {}).get("batch_size")
-    return f"median over {f'batches of {batch}' if batch else 'batches'}, the first left out as warm-up"
+    return f"median over batches of {how.get('images')}, the first left out as warm-up"

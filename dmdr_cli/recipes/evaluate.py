@@ -380,7 +380,7 @@ def run(cfg, req: EvalRequest, generators: dict, progress_factory: Callable[[str
     else:
         raise InputError(f"unknown bench '{req.bench}'", "choose geneval, rewards, fid, kid, dpg or digits")
     timing = {name: {"seconds_per_image": g.seconds_per_image, **g.describe()} for name, g in generators.items()}
-    inter = interleaved_seconds(generators, req.timing_rounds) if timing else None
+    inter = interleaved_seconds(generators, req.timing_rounds)
     if inter is not None:
         for name, t in timing.items():
             t["seconds_per_image_generation"] = t["seconds_per_image"]
