@@ -210,7 +210,7 @@ def main() -> None:
         ref_f = pool.submit(evaluate, r, base_run, work / "eval-stage1-teacher", args.prompts,
                             ["--step", str(args.stage1), "--compare", "teacher"], "stage2-ref")
         init_f = pool.submit(evaluate, r, ROOT / "dmdr_cli" / "assets" / "digits-teacher", work / "eval-init",
-                             args.prompts, ["--base", "tiny-sd3", "--set", "student.simulation=ode", "--set", STUDENT_GRID],
+                             args.prompts, ["--base", "tiny-sd3", *sets(["student.simulation=ode", STUDENT_GRID])],
                              "stage2-init")
         futures = {name: pool.submit(stage2_run, i, name, fl) for i, (name, fl) in enumerate(STAGE2.items())}
         ref, init = ref_f.result(), init_f.result()
