@@ -166,7 +166,7 @@ def main() -> None:
     every = max(1, args.stage1 // args.evals)
     # the fast stage 1 (ODE, LR 5e-3, 100 steps: 10 minutes for the whole script) rather than the preset's
     # 600-step SDE recipe, so that four cold-start variants and five stage-2 variants fit in a short run; it
-    # keeps the grid of model.shift 3 (the committed tables' grid; the preset now uses a shift-5 grid)
+    # keeps the grid of model.shift 3 (the committed tables' grid; the preset now uses a shift-4 grid)
     common1 = sets([f"distill.max_steps={args.stage1}", f"distill.dynamic_steps={args.stage1}",
                     f"distill.checkpoint_every={every}", f"distill.keep_last={args.evals + 1}",
                     "student.simulation=ode", "distill.lr=5e-3", "distill.lr_guide=5e-3", STUDENT_GRID])
