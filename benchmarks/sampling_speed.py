@@ -5,7 +5,9 @@
 Both samplers run on the same loaded base network, prompts and seeds, alternating batches so machine
 load affects them equally; the first batch of each is warm-up. Several ``--batch`` values sweep the
 images per call (both samplers get the same batch); the ratio is reported per batch size and for each
-sampler at its own fastest batch. Writes ``benchmarks/results/sampling_speed-<base>-<device>.json``.
+sampler at its own fastest batch. Images are decoded as ``model.decode_dtype`` says (``tiny-sd3``: ``auto``, bf16
+autocast on a CPU with AMX / AVX512-BF16); the VAE decode alone is also timed in fp32 and under bf16 autocast,
+interleaved, on the same latents, with the largest pixel difference between the two. Writes ``benchmarks/results/sampling_speed-<base>-<device>.json``.
 Network calls per image: teacher ``2 x teacher.steps`` (CFG doubles the batch), student ``student.steps``.
 """
 
@@ -40,7 +42,9 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["teacher"] / r["student"]
     best = {k: min(rows, key=lambda r: r[k]) for k in specs}
-    result = {"base": args.base, "device": str(bundle.device), "resolution": cfg.model.resolution,
+    decode = measure_decode(bundle, cfg.model.resolution, max(args.batch))
+    result = {"base": args.base, "device": str(bundle.device), "cpu": cpu_name(), "resolution": cfg.model.resolution,
+              "decode_dtype": cfg.model.decode_dtype, "decode_autocast": str(bundle.decode_autocast), "decode": decode,
               "teacher": {"steps": cfg.teacher.steps, "guidance": cfg.teacher.guidance},
               "student": {"steps": specs["student"].steps}, "images": args.images, "per_batch": rows,
               "best": {k: {"batch": r["batch"], "s_per_image": r[k]} for k, r in best.items()},
@@ -53,6 +57,49 @@ def main() -> None:
         print(f"  batch {r['batch']:4d}: teacher {r['teacher']:.4f}  student {r['student']:.4f}  speed-up x{r['speedup']:.1f}")
     print(f"each at its fastest batch ({best['teacher']['batch']} / {best['student']['batch']}): "
           f"speed-up x{result['speedup_at_best']:.1f}  ->  {dest}")
+    print(f"VAE decode alone, batch {decode['batch']}: fp32 {decode['fp32_ms']:.3f} ms/image, bf16 autocast "
+          f"{decode['bf16_ms']:.3f} ms/image (x{decode['ratio']:.2f}), largest pixel difference {decode['max_abs_diff']:.4f}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def measure_decode(bundle, resolution, batch_size, rounds: int = 5) -> dict:
+    """Milliseconds per image of the VAE decode in the VAE's dtype vs under bf16 autocast, alternating call by call on
+    the same latents (the first call of each is warm-up), and the largest difference of their images in [0, 1]."""
+    import statistics
+    import time
+
+    import torch
+
+    fam = bundle.family
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn((batch_size, *fam.latent_shape(bundle, resolution)), generator=gen).to(bundle.device)
+    modes = {"fp32": None, "bf16": torch.bfloat16}
+    times, images = {k: [] for k in modes}, {}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, dtype in modes.items():
+                t0 = time.perf_counter()
+                if dtype is None:
+                    images[name] = fam.decode(bundle, latents)
+                else:
+                    with torch.autocast(bundle.device.type, dtype=dtype):
+                        images[name] = fam.decode(bundle, latents)
+                if r > 0:
+                    times[name].append((time.perf_counter() - t0) / batch_size * 1e3)
+    fp32, bf16 = (statistics.median(times[k]) for k in modes)
+    return {"batch": batch_size, "fp32_ms": fp32, "bf16_ms": bf16, "ratio": fp32 / bf16,
+            "max_abs_diff": float((images["fp32"] - images["bf16"]).abs().max())}
 
 
 def measure(bundle, specs, prompts, uncond, resolution, images, batch_size) -> dict:

@@ -94,6 +94,8 @@ def _generators(cfg, ckpt, is_run: bool, step, compare) -> dict:
     from dmdr_cli.errors import InputError
 
     out = {}
+    # every model decodes as the evaluated one does, so images and seconds per image compare like with like
+    same = [f"model.decode_dtype={cfg.model.decode_dtype}"]
     for spec in compare or []:
         folder = Path(spec)
         if spec == "teacher":
@@ -102,14 +104,14 @@ def _generators(cfg, ckpt, is_run: bool, step, compare) -> dict:
             from dmdr_cli.config.loader import resolve_run
 
             key = folder.resolve().name
-            gen = lambda folder=folder: g.student_of_run(resolve_run(folder, [], []), folder, None)  # noqa: E731
+            gen = lambda folder=folder: g.student_of_run(resolve_run(folder, [], same), folder, None)  # noqa: E731
         else:
             from dmdr_cli.config.loader import resolve
 
             key = "teacher"
             gen = lambda spec=spec, folder=folder: g.teacher_of(  # noqa: E731
-                resolve(None, [], [f"model.path={folder.resolve()}", "model.tiny="]) if folder.is_dir()
-                else resolve(spec))
+                resolve(None, [], [f"model.path={folder.resolve()}", "model.tiny=", *same]) if folder.is_dir()
+                else resolve(spec, [], same))
         if key in out or key == "student":
             raise InputError(f"--compare {spec}: a model named '{key}' is already being evaluated",
                              "give each --compare a different model")

@@ -37,6 +37,7 @@ class ModelConfig:
     shift: float = _f(3.0, "Flow families: static time shift S used for the student grid.")
     generator_init: str = _f("", "Weights (safetensors/bin) to initialise a full-weight generator from (SDXL 1-step: DMD2's regression checkpoint).")
     x0_end: float = _f(0.001, "Flow families: end point of x0 conversion and of the student grid (0.001 faithful, 0 clean).")
+    decode_dtype: str = _f("", "VAE decode of sample/eval images and training's sample grids (never a loss's decode, nor the export check): '' in the VAE's own dtype; 'bf16' under bf16 autocast; 'auto' bf16 where the hardware runs it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), else ''.")
 
 
 @dataclass
@@ -205,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("", "sd3", "sdxl"),
     "model.tiny": ("", "sd3", "sdxl", "digits"),
     "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.decode_dtype": ("", "auto", "bf16"),
     "student.grid_dtype": ("fp32", "bf16"),
     "student.simulation": ("ode", "sde"),
     "student.sde_input": ("official", "dmd2"),

@@ -77,7 +77,13 @@ class ImageGenerator:
     def describe(self) -> dict:
         return {"label": self.label, "model": self.bundle.source, "family": self.bundle.family.name,
                 "steps": self.steps, "guidance": self.guidance, "mode": self.spec.mode,
-                "grid": [round(t, 6) for t in self.spec.grid]}
+                "grid": [round(t, 6) for t in self.spec.grid], "decode": self.decode_dtype}
+
+    @property
+    def decode_dtype(self) -> str:
+        """What the VAE decodes in: 'bf16' under autocast (``model.decode_dtype``), else its weights' dtype."""
+        dtype = self.bundle.decode_autocast or self.bundle.pipe.vae.dtype
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def student_of_run(cfg, run_dir: Path, step: int | None = None) -> ImageGenerator:

@@ -155,4 +155,7 @@ def generate(bundle, net, spec: SamplerSpec, prompts: list[str], seeds: list[int
     if spec.guidance > 1.0 and uncond is None:
         uncond = family.encode_prompts(bundle, [""])
     latents = run_sampler(family, net, spec, cond, uncond, noise, generators)
-    return family.decode(bundle, latents)
+    if bundle.decode_autocast is None:
+        return family.decode(bundle, latents)
+    with torch.autocast(bundle.device.type, dtype=bundle.decode_autocast):
+        return family.decode(bundle, latents)

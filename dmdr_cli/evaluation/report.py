@@ -102,8 +102,10 @@ def write(out: Path, data: dict, samples: dict) -> Path:
     lines.append("")
     for name, x in data.get("speedups", {}).items():
         label = models.get(name, {}).get("label", name)
+        decode = models.get(name, {}).get("decode")
         lines += [f"**Speed-up of {label} over the teacher: {x:.1f}x** (wall-clock per image incl. text encoding "
-                  f"and VAE decoding, {_timing_note(data)}, same prompts, seeds and machine).", ""]
+                  f"and VAE decoding{f' in {decode}' if decode else ''}, {_timing_note(data)}, same prompts, seeds "
+                  "and machine).", ""]
     canon = [r.get("canonical") for r in results.values() if isinstance(r, dict)]
     if canon and not all(canon):
         lines += ["Numbers marked non-canonical (offline backends, tiny or substitute models) are dmdr-internal "

@@ -47,6 +47,7 @@ class Bundle:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    decode_autocast: torch.dtype | None = None  # autocast dtype of sample/eval decodes (``model.decode_dtype``)
 
     @property
     def network(self) -> torch.nn.Module:

@@ -78,6 +78,28 @@ def pick_device(name: str):
     return torch.device(name)
 
 
+def native_bf16(device) -> bool:
+    """Whether ``device`` runs bf16 matmuls/convolutions in hardware: a CUDA GPU with bf16, or a CPU with AMX
+    tiles or AVX512-BF16 (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def decode_autocast(name: str, device):
+    """The autocast dtype of ``model.decode_dtype`` on ``device`` (``None``: decode in the VAE's dtype)."""
+    import torch
+
+    if name == "bf16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
 def load_base(cfg, device=None):
     """Load the base model of a resolved config through its family: returns a ``Bundle``."""
     from dmdr_cli.config.presets import detect_family
@@ -94,7 +116,9 @@ def load_base(cfg, device=None):
     if device.type == "cpu" and dtype == __import__("torch").float16:
         dtype = torch_dtype("fp32")  # fp16 kernels are missing/slow on CPU; keep the same code path in fp32
     try:
-        return family.load(str(folder), device=device, dtype=dtype, source=source)
+        bundle = family.load(str(folder), device=device, dtype=dtype, source=source)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"could not load the {name} pipeline from {folder}: {str(exc).splitlines()[0][:200]}",
                                  f"expected {EXPECTED_LAYOUT[name]}") from None
+    bundle.decode_autocast = decode_autocast(cfg.model.decode_dtype, device)
+    return bundle

@@ -209,6 +209,7 @@ def run(cfg, req: ExportRequest, *, train_hash: str, say: Callable[[str], None] 
     say(f"loading the student ({ckpt.name}) in fp32")
     cfg32 = copy.deepcopy(cfg)
     cfg32.model.dtype = "fp32"
+    cfg32.model.decode_dtype = ""  # the export check compares fp32 decodes
     device = pick_device(cfg.runtime.device)
     bundle, roles, state = load_student(cfg32, ckpt, device=device)
     family = bundle.family

@@ -284,7 +284,7 @@ def test_digits_bench_compares_teacher_runs_and_student_in_one_report(digits_run
     out = tmp_path / "ev"
     res = runner.invoke(app, ["eval", "--ckpt", str(digits_run), "--compare", "teacher", "--compare", str(digits_run),
                               "--max-prompts", "6", "--set", "eval.images_per_prompt=2", "--set", "teacher.steps=6",
-                              "--out", str(out)])
+                              "--set", "model.decode_dtype=bf16", "--out", str(out)])
     assert res.exit_code == 0, res.output   # eval.bench of tiny-sd3 is `digits`
     data = json.loads((out / "eval.json").read_text())
     assert list(data["results"]) == ["teacher", "d", "student"] and data["bench"] == "digits"
@@ -292,7 +292,10 @@ def test_digits_bench_compares_teacher_runs_and_student_in_one_report(digits_run
         assert r["n_images"] == 12 and r["fid"] > 0 and set(r["geneval"]["tasks"]) == {
             "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert set(data["speedups"]) == {"d", "student"} and data["speedup"] == data["speedups"]["student"]
+    # the compared run and the teacher decode as the evaluated run does (--set reaches them too)
+    assert {name: m["decode"] for name, m in data["models"].items()} == {n: "bf16" for n in ("teacher", "d", "student")}
     report = (out / "report.md").read_text()
+    assert "VAE decoding in bf16" in report
     assert report.index("teacher 6-step") < report.index("(d@step-000002, EMA)") and "digits-FID" in report
     assert Image.open(out / "compare.png").size[0] >= 3 * 96
     # the same --compare twice is refused

@@ -256,3 +256,55 @@ def test_interleaved_timing_alternates_models_on_the_first_batch():
     note = _timing_note({"timing": {"mode": "interleaved", "rounds": 3, "images": 96}})
     assert note == "median of 3 calls of the first 96 images per model, the models taking turns after generation"
     assert _timing_note({"timing": {"mode": "generation", "images": 48}}).startswith("median over batches of 48")
+
+
+# -- decode dtype (model.decode_dtype) -----------------------------------------------------------------------
+
+
+def test_decode_dtype_resolution(monkeypatch):
+    from dmdr_cli.families import loading
+
+    cpu = torch.device("cpu")
+    assert loading.decode_autocast("", cpu) is None
+    assert loading.decode_autocast("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(loading, "native_bf16", lambda device: False)
+    assert loading.decode_autocast("auto", cpu) is None
+    monkeypatch.setattr(loading, "native_bf16", lambda device: True)
+    assert loading.decode_autocast("auto", cpu) is torch.bfloat16
+
+
+def test_native_bf16_follows_the_cpu_probes(monkeypatch):
+    from dmdr_cli.families.loading import native_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert not native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert native_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("which", ["sd3", "sdxl"])
+def test_bf16_decode_only_rounds_the_images(request, which):
+    """bf16 autocast changes the decode by rounding only (the same latents as in fp32), returns fp32 images in
+    [0, 1], and leaves the bundle decoding in fp32 afterwards."""
+    cfg, bundle = request.getfixturevalue(f"{which}_loaded")
+    spec = student_spec(bundle.family, cfg.student, steps=2 if which == "sd3" else None)
+    prompts, seeds = ["a red circle", "a blue square"], [11, 12]
+    ref = generate(bundle, bundle.network, spec, prompts, seeds, 64)
+    fast_bundle = dataclasses.replace(bundle, decode_autocast=torch.bfloat16)
+    fast = generate(fast_bundle, bundle.network, spec, prompts, seeds, 64)
+    assert fast.dtype == torch.float32 and fast.min() >= 0 and fast.max() <= 1
+    diff = (fast - ref).abs()
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.01  # rounding, not another image
+    assert torch.equal(generate(bundle, bundle.network, spec, prompts, seeds, 64), ref)
+
+
+def test_decode_dtype_reaches_the_bundle_and_rejects_unknown_values(tiny_sd3_dir):
+    from dmdr_cli.config.loader import resolve
+    from dmdr_cli.errors import ConfigError
+    from dmdr_cli.families.loading import load_base
+
+    cfg = resolve("tiny-sd3-random", [], ["runtime.device=cpu", "model.decode_dtype=bf16"])
+    assert load_base(cfg).decode_autocast is torch.bfloat16
+    with pytest.raises(ConfigError, match="decode_dtype"):
+        resolve("tiny-sd3-random", [], ["model.decode_dtype=fp16"])
