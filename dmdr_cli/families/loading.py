@@ -80,7 +80,7 @@ def pick_device(name: str):
 
 def native_bf16(device) -> bool:
     """Whether ``device`` runs bf16 matmuls/convolutions in hardware: a CUDA GPU with bf16, or a CPU with AMX
-    tiles or AVX512-BF16 (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    tiles or AVX512-BF16 (elsewhere CPU bf16 is emulated and need not beat fp32)."""
     import torch
 
     if device.type == "cuda":
