@@ -7,7 +7,8 @@ load affects them equally; the first batch of each is warm-up. Several ``--batch
 images per call (both samplers get the same batch); the ratio is reported per batch size and for each
 sampler at its own fastest batch. Images are decoded as ``model.decode_dtype`` says (``tiny-sd3``: ``auto``, bf16
 autocast on a CPU with AMX / AVX512-BF16); the VAE decode alone is also timed in fp32 and under bf16 autocast,
-interleaved, on the same latents, with the largest pixel difference between the two. Writes ``benchmarks/results/sampling_speed-<base>-<device>.json``.
+interleaved, on the same latents, with the largest pixel difference between the two.
+Writes ``benchmarks/results/sampling_speed-<base>-<device>.json``.
 Network calls per image: teacher ``2 x teacher.steps`` (CFG doubles the batch), student ``student.steps``.
 """
 
@@ -81,20 +82,17 @@ def measure_decode(bundle, resolution, batch_size, rounds: int = 5) -> dict:
 
     import torch
 
-    fam = bundle.family
+    from dmdr_cli.engine.sampler import decode_latents
+
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn((batch_size, *fam.latent_shape(bundle, resolution)), generator=gen).to(bundle.device)
+    latents = torch.randn((batch_size, *bundle.family.latent_shape(bundle, resolution)), generator=gen).to(bundle.device)
     modes = {"fp32": None, "bf16": torch.bfloat16}
     times, images = {k: [] for k in modes}, {}
     with torch.no_grad():
         for r in range(rounds + 1):
             for name, dtype in modes.items():
                 t0 = time.perf_counter()
-                if dtype is None:
-                    images[name] = fam.decode(bundle, latents)
-                else:
-                    with torch.autocast(bundle.device.type, dtype=dtype):
-                        images[name] = fam.decode(bundle, latents)
+                images[name] = decode_latents(bundle, latents, dtype)
                 if r > 0:
                     times[name].append((time.perf_counter() - t0) / batch_size * 1e3)
     fp32, bf16 = (statistics.median(times[k]) for k in modes)

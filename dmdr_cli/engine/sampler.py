@@ -155,7 +155,12 @@ def generate(bundle, net, spec: SamplerSpec, prompts: list[str], seeds: list[int
     if spec.guidance > 1.0 and uncond is None:
         uncond = family.encode_prompts(bundle, [""])
     latents = run_sampler(family, net, spec, cond, uncond, noise, generators)
-    if bundle.decode_autocast is None:
-        return family.decode(bundle, latents)
-    with torch.autocast(bundle.device.type, dtype=bundle.decode_autocast):
-        return family.decode(bundle, latents)
+    return decode_latents(bundle, latents, bundle.decode_autocast)
+
+
+def decode_latents(bundle, latents: torch.Tensor, autocast: torch.dtype | None) -> torch.Tensor:
+    """Images in [0, 1] (fp32) of ``latents``, decoded under ``autocast`` (``None``: in the VAE's own dtype)."""
+    if autocast is None:
+        return bundle.family.decode(bundle, latents)
+    with torch.autocast(bundle.device.type, dtype=autocast):
+        return bundle.family.decode(bundle, latents)
