@@ -194,6 +194,9 @@ def validate(cfg: DmdrConfig) -> DmdrConfig:
     for key in ("distill.ema_decay", "finetune_rl.ema_decay"):
         if not 0.0 <= flat[key] < 1.0:
             raise ConfigError(f"{key} must be in [0, 1) (0 = no EMA), got {flat[key]}")
+    for key in ("distill.real_cfg_t_min", "teacher.guidance_t_min"):
+        if not 0.0 <= flat[key] < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1) (0 = CFG at every t), got {flat[key]}")
     if cfg.model.resolution % 8:
         raise ConfigError(f"model.resolution must be a multiple of 8, got {cfg.model.resolution}")
     if cfg.student.grid and len(cfg.student.grid) != cfg.student.steps:

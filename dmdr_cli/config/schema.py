@@ -46,6 +46,7 @@ class TeacherConfig:
 
     steps: int = _f(28, "Number of teacher sampling steps.")
     guidance: float = _f(7.0, "Classifier-free guidance scale of the teacher.")
+    guidance_t_min: float = _f(0.0, "Guidance interval: CFG only at sampler steps with t >= this, the conditional prediction below; 0 = every step.")
 
 
 @dataclass
@@ -102,6 +103,7 @@ class DistillConfig:
     group_simulation: bool = _f(True, "Run the backward simulations of the inner steps that see the same generator weights (up to ttur + 1) as one batch: same distribution, fewer network calls (both stages); false: one simulation per inner step (less no-grad activation memory).")
     real_cfg: float = _f(7.0, "Real-score CFG w0; each DMD call draws w ~ U[w0 - jitter, w0 + jitter]; <= 1 disables CFG.")
     cfg_jitter: float = _f(0.5, "Half-width of the real-score CFG jitter.")
+    real_cfg_t_min: float = _f(0.0, "Guidance interval of the real score: CFG only where the DMD renoise time t >= this (per sample), the plain conditional score (w = 1) below; 0 = CFG at every t (the official recipes).")
     fake_scale: float = _f(2.0, "LoRA scale of the guide adapter as fake score (lambda_f).")
     dynadg: bool = _f(True, "DynaDG: real score = base + lambda_r(k) * guide, cosine-annealed.")
     dynadg_scale0: float = _f(0.5, "DynaDG initial real-score adapter scale lambda_r0.")

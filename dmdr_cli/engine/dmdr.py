@@ -19,7 +19,7 @@ import torch
 
 from dmdr_cli.engine.sampler import SamplerSpec, run_sampler
 from dmdr_cli.families.base import Cond, predict_cfg
-from dmdr_cli.losses.dmd import dmd_loss, fake_score_loss, sample_cfg_scale
+from dmdr_cli.losses.dmd import dmd_loss, fake_score_loss, interval_cfg, sample_cfg_scale
 from dmdr_cli.schedules.dynamic import dynadg_scale, dynars_params, sample_timesteps
 
 
@@ -30,6 +30,7 @@ class DMDSettings:
     ttur: int = 5
     real_cfg: float = 7.0
     cfg_jitter: float = 0.5
+    real_cfg_t_min: float = 0.0
     dynadg: bool = True
     dynadg_scale0: float = 0.5
     dynamic_steps: int = 2000
@@ -155,7 +156,8 @@ def generator_loss(roles, family, s: DMDSettings, x_in: torch.Tensor, t_g: torch
         with roles.role("fake") as net:
             x0_fake = family.to_x0(x_td, family.predict(net, x_td, t_d, cond), t_d)
         with roles.role("real", lam_r) as net:
-            x0_real = family.to_x0(x_td, predict_cfg(family, net, x_td, t_d, cond, uncond, w), t_d)
+            x0_real = family.to_x0(x_td, predict_cfg(family, net, x_td, t_d, cond, uncond,
+                                                     interval_cfg(w, t_d, s.real_cfg_t_min)), t_d)
     loss_dmd, dstats = dmd_loss(x0_hat, x0_fake, x0_real, nan_mode=s.nan_mode)
     roles.activate("gen")  # activation checkpointing recomputes under the *current* adapter state
     stats.update(dstats)

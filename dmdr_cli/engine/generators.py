@@ -76,7 +76,8 @@ class ImageGenerator:
 
     def describe(self) -> dict:
         return {"label": self.label, "model": self.bundle.source, "family": self.bundle.family.name,
-                "steps": self.steps, "guidance": self.guidance, "mode": self.spec.mode,
+                "steps": self.steps, "guidance": self.guidance,
+                "guidance_t_min": self.spec.guidance_t_min, "mode": self.spec.mode,
                 "grid": [round(t, 6) for t in self.spec.grid], "decode": self.decode_dtype}
 
     @property
@@ -104,8 +105,10 @@ def teacher_of(cfg, bundle=None) -> ImageGenerator:
     from dmdr_cli.families.loading import load_base
 
     bundle = bundle or load_base(cfg)
-    spec = teacher_spec(bundle.family, cfg.teacher.steps, cfg.teacher.guidance)
-    return ImageGenerator(f"teacher {cfg.teacher.steps}-step CFG {cfg.teacher.guidance:g}", bundle, spec,
+    tc = cfg.teacher
+    spec = teacher_spec(bundle.family, tc.steps, tc.guidance, tc.guidance_t_min)
+    interval = f" at t >= {tc.guidance_t_min:g}" if tc.guidance_t_min > 0 and tc.guidance > 1 else ""
+    return ImageGenerator(f"teacher {tc.steps}-step CFG {tc.guidance:g}{interval}", bundle, spec,
                           cfg.model.resolution)
 
 

@@ -27,15 +27,19 @@ class SamplerSpec:
     mode: str = "ode"            # "ode" | "sde"
     guidance: float = 1.0        # CFG scale; <= 1 means a single conditional pass
     pure_noise_first: bool = False
+    guidance_t_min: float = 0.0  # guidance interval: CFG only at steps with t >= this (0: every step)
+
+    def guidance_at(self, t: float) -> float:
+        return self.guidance if t >= self.guidance_t_min else 1.0
 
     @property
     def steps(self) -> int:
         return len(self.grid)
 
 
-def teacher_spec(family, steps: int, guidance: float) -> SamplerSpec:
-    """The base model's own multi-step ODE sampler with CFG."""
-    return SamplerSpec(tuple(family.teacher_grid(steps)), 0.0, "ode", guidance)
+def teacher_spec(family, steps: int, guidance: float, guidance_t_min: float = 0.0) -> SamplerSpec:
+    """The base model's own multi-step ODE sampler with CFG (only at ``t >= guidance_t_min``)."""
+    return SamplerSpec(tuple(family.teacher_grid(steps)), 0.0, "ode", guidance, guidance_t_min=guidance_t_min)
 
 
 def student_spec(family, student_cfg, steps: int | None = None, guidance: float = 1.0) -> SamplerSpec:
@@ -78,7 +82,7 @@ def run_sampler(family, net, spec: SamplerSpec, cond: Cond, uncond: Cond | None,
         xs, cs = (x, cond) if rows is None else (x[rows], cond.index(rows))
         us = uncond if (rows is None or uncond is None or len(uncond) == 1) else uncond.index(rows)
         t = torch.full((xs.shape[0],), float(t_i), device=x.device)
-        out = predict_cfg(family, net, xs, t, cs, us, spec.guidance) if len(xs) else None
+        out = predict_cfg(family, net, xs, t, cs, us, spec.guidance_at(float(t_i))) if len(xs) else None
         t_next = spec.grid[i + 1] if i + 1 < n else spec.t_end
         if spec.mode == "ode":
             x = family.ode_step(xs, out, t, t_next).to(noise.dtype)

@@ -84,16 +84,20 @@ def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def predict_cfg(family: Family, net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
-                uncond: Cond | None, guidance: float) -> torch.Tensor:
+                uncond: Cond | None, guidance: float | torch.Tensor) -> torch.Tensor:
     """Network output with classifier-free guidance ``F_u + w (F_c - F_u)``, batch-doubled [uncond, cond].
 
     ``guidance <= 1`` (or no ``uncond``) is a single conditional call. ``uncond`` is the encoding of the
-    empty prompt "" (never zeros), batch 1 or B.
+    empty prompt "" (never zeros), batch 1 or B. ``guidance`` may be a per-sample ``[B]`` tensor (a guidance
+    interval); if every entry is <= 1 that is the single conditional call too.
     """
-    if uncond is None or guidance <= 1.0:
+    per_sample = isinstance(guidance, torch.Tensor)
+    if uncond is None or (bool((guidance <= 1.0).all()) if per_sample else guidance <= 1.0):
         return family.predict(net, x_t, t, cond)
     b = x_t.shape[0]
     un = uncond.expand(b) if len(uncond) == 1 else uncond
     out = family.predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), un.cat(cond))
     out_u, out_c = out.chunk(2)
+    if per_sample:
+        guidance = bcast(guidance, out_c).to(out_c.dtype)
     return out_u + guidance * (out_c - out_u)

@@ -163,3 +163,19 @@ def sample_cfg_scale(w0: float, jitter: float, generator: torch.Generator) -> fl
         return 1.0
     u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
     return w0 - jitter + 2.0 * jitter * u
+
+
+def interval_cfg(w: float, t: torch.Tensor, t_min: float) -> float | torch.Tensor:
+    """Real-score CFG restricted to a guidance interval (Kynkaenniemi et al. 2024, arXiv 2404.07724).
+
+    ``t_min <= 0`` (or ``w <= 1``): ``w`` itself, guidance at every time. Otherwise a per-sample ``[B]`` fp32
+    tensor, ``w`` where ``t >= t_min`` (high noise: layout, class, count) and ``1`` (the conditional score)
+    below, where guidance mainly sharpens texture and costs diversity.
+    """
+    if t_min < 0:
+        raise ValueError(f"t_min must be >= 0, got {t_min}")
+    if t_min <= 0 or w <= 1.0:
+        return w
+    t = t.to(torch.float32)
+    return torch.ones_like(t).masked_fill(t >= t_min, float(w))  # on t's device
+

@@ -63,7 +63,8 @@ def run(cfg, req: SampleRequest, on_progress: Callable[[int, int], None] | None 
         bundle = load_base(cfg)
         net_ctx = nullcontext(None)
         if req.steps is None:  # the teacher's own multi-step sampler with CFG
-            spec = teacher_spec(bundle.family, cfg.teacher.steps, cfg.teacher.guidance if guidance is None else guidance)
+            spec = teacher_spec(bundle.family, cfg.teacher.steps, cfg.teacher.guidance if guidance is None else guidance,
+                                cfg.teacher.guidance_t_min)
             kind = "teacher"
         else:  # the training-consistent few-step sampler on the base weights
             spec = student_spec(bundle.family, cfg.student, req.steps, guidance or 1.0)
@@ -104,6 +105,6 @@ def _write(chunk, images, spec, kind, bundle, cfg, req: SampleRequest, records: 
         save_png(im, req.out_dir / name)
         pil.append(im)
         records.append({"file": name, "prompt": prompt, "seed": seed, "steps": spec.steps,
-                        "guidance": spec.guidance, "sampler": kind, "mode": spec.mode,
+                        "guidance": spec.guidance, "guidance_t_min": spec.guidance_t_min, "sampler": kind, "mode": spec.mode,
                         "grid": [round(t, 6) for t in spec.grid], "model": bundle.source, "family": bundle.family.name,
                         "resolution": cfg.model.resolution})

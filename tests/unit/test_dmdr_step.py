@@ -17,6 +17,7 @@ from dmdr_cli.engine import dmdr
 from dmdr_cli.engine import trainer as trainer_mod
 from dmdr_cli.engine.dmdr import critic_loss, generator_loss, select_generator_input, simulate, simulate_and_select
 from dmdr_cli.engine.metrics import NullSink
+from dmdr_cli.errors import ConfigError
 from dmdr_cli.engine.prompts import PromptStream, builtin_shapes
 from dmdr_cli.engine.sampler import student_spec
 from dmdr_cli.engine.trainer import Trainer, TrainPlan
@@ -448,3 +449,48 @@ def test_simulation_groups_follow_the_generator_updates(sd3, tmp_path, monkeypat
     assert batch_rows == ([6 * b, 5 * b] if grouped else [b] * 11)
     assert seen == [(b, b)] * 11 and tr.k == 2 and not tr._pending
     assert tr.stream.state()["pos"] == 11 * b  # the same prompt batches in the same order either way
+
+
+# -- generator loss: guidance interval of the real score -------------------------------------------------
+
+def test_real_score_guidance_interval(sd3, monkeypatch):
+    """``real_cfg_t_min``: rows renoised to t >= t_min get the guided real score, rows below the plain
+    conditional one; the random stream (w, t_d, eps) is the same as without the interval."""
+    st = sd3
+    perturb(st.roles.guide_parameters(), seed=5)
+    x_in, t_g, g = _gen_input(st, seed=2)
+    s = dataclasses.replace(dmd_settings(st.cfg), dynadg=False)
+    g_ref = clone(g)
+    w = dmdr.sample_cfg_scale(s.real_cfg, s.cfg_jitter, g_ref)
+    t_d = dmdr.draw_t(s, x_in.shape[0], 0, g_ref, x_in.device)
+    t_min = float(t_d.mean())  # one row on each side (two rows, distinct draws)
+    assert float(t_d.min()) < t_min <= float(t_d.max())
+    seen = {}
+    original = dmdr.dmd_loss
+
+    def spy(x0, x0_fake, x0_real, *, nan_mode):
+        seen.update(x0=x0.detach().clone(), real=x0_real.clone())
+        return original(x0, x0_fake, x0_real, nan_mode=nan_mode)
+
+    monkeypatch.setattr(dmdr, "dmd_loss", spy)
+    _, stats = generator_loss(st.roles, st.fam, dataclasses.replace(s, real_cfg_t_min=t_min), x_in, t_g, st.cond,
+                              st.uncond, 0, clone(g))
+    assert stats["sched/cfg_w"] == pytest.approx(w)
+    eps = torch.randn(x_in.shape, generator=g_ref)
+    tt = t_d.view(-1, 1, 1, 1)
+    x_td = (1 - tt) * seen["x0"] + tt * eps
+    with torch.no_grad(), st.roles.role("real", 0.0) as net:
+        out_c = st.fam.predict(net, x_td, t_d, st.cond)
+        out_u = st.fam.predict(net, x_td, t_d, st.uncond.expand(2))
+    guided = st.fam.to_x0(x_td, out_u + w * (out_c - out_u), t_d)
+    plain = st.fam.to_x0(x_td, out_c, t_d)
+    above = t_d >= t_min
+    torch.testing.assert_close(seen["real"][above], guided[above], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen["real"][~above], plain[~above], atol=1e-4, rtol=1e-4)
+    assert (guided[~above] - plain[~above]).abs().max() > 1e-3  # the two targets really differ there
+
+    # t_min = 0 is the official everywhere-CFG target; the interval is refused outside [0, 1)
+    generator_loss(st.roles, st.fam, s, x_in, t_g, st.cond, st.uncond, 0, clone(g))
+    torch.testing.assert_close(seen["real"], guided, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="real_cfg_t_min"):
+        resolve("tiny-sd3-random", sets=["distill.real_cfg_t_min=1.0"])

@@ -149,6 +149,11 @@ def test_predict_shape_and_cfg(loaded):
     # guidance <= 1 or no uncond: a single conditional pass
     assert torch.allclose(predict_cfg(fam, net, x, t, cond, uncond, 1.0), out_c, atol=1e-5)
     assert torch.allclose(predict_cfg(fam, net, x, t, cond, None, w), out_c, atol=1e-5)
+    # a per-sample guidance tensor (guidance interval): row b gets its own w_b; all <= 1 is the conditional pass
+    per_row = predict_cfg(fam, net, x, t, cond, uncond, torch.tensor([w, 1.0]))
+    assert torch.allclose(per_row[0], guided[0], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(per_row[1], out_c[1], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(predict_cfg(fam, net, x, t, cond, uncond, torch.ones(2)), out_c, atol=1e-5)
 
 
 # -- (d) latent codec -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmdr_cli.losses.dmd import cfg_combine, dmd_loss, fake_score_loss, sample_cfg_scale
+from dmdr_cli.losses.dmd import cfg_combine, dmd_loss, fake_score_loss, interval_cfg, sample_cfg_scale
 
 SHAPE = (2, 3, 4, 5)
 
@@ -188,3 +188,14 @@ def test_sample_cfg_scale() -> None:
     assert sample_cfg_scale(3.5, 0.0, g) == 3.5
     with pytest.raises(ValueError):
         sample_cfg_scale(3.5, -0.1, g)
+
+
+def test_interval_cfg() -> None:
+    t = torch.tensor([0.95, 0.4, 0.39, 0.0])
+    w = interval_cfg(6.0, t, 0.4)
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.float32
+    assert w.tolist() == [6.0, 6.0, 1.0, 1.0]  # guided from t_min (inclusive) up to pure noise
+    assert interval_cfg(6.0, t, 0.0) == 6.0  # no interval: the scalar, every t
+    assert interval_cfg(1.0, t, 0.4) == 1.0  # CFG off stays off (no unconditional pass)
+    with pytest.raises(ValueError):
+        interval_cfg(6.0, t, -0.1)

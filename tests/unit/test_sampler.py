@@ -133,6 +133,36 @@ def test_teacher_cfg_changes_the_image(sdxl_loaded):
 
 
 @torch.no_grad()
+def test_teacher_guidance_interval(sdxl_loaded, monkeypatch):
+    """``teacher.guidance_t_min``: CFG at the steps with t >= t_min, the conditional prediction below; an interval
+    below the whole grid is the plain CFG sampler, one above it the unguided one."""
+    import dmdr_cli.engine.sampler as sampler_mod
+
+    cfg, bundle = sdxl_loaded
+    fam = bundle.family
+    seen = []
+    real = sampler_mod.predict_cfg
+
+    def spy(family, net, x, t, cond, uncond, w):
+        seen.append((round(float(t[0]), 4), w))
+        return real(family, net, x, t, cond, uncond, w)
+
+    monkeypatch.setattr(sampler_mod, "predict_cfg", spy)
+    spec = teacher_spec(fam, 4, 6.0, guidance_t_min=0.5)
+    grid = spec.grid
+    interval = generate(bundle, bundle.network, spec, ["a red circle"], [0], 64)
+    assert [w for _, w in seen] == [6.0 if t >= 0.5 else 1.0 for t in grid]
+    assert 1.0 in [w for _, w in seen] and 6.0 in [w for _, w in seen]
+    everywhere = generate(bundle, bundle.network, teacher_spec(fam, 4, 6.0), ["a red circle"], [0], 64)
+    assert torch.equal(generate(bundle, bundle.network, teacher_spec(fam, 4, 6.0, 1e-6), ["a red circle"], [0], 64),
+                       everywhere)
+    plain = generate(bundle, bundle.network, teacher_spec(fam, 4, 1.0), ["a red circle"], [0], 64)
+    above = generate(bundle, bundle.network, teacher_spec(fam, 4, 6.0, 0.9999), ["a red circle"], [0], 64)
+    assert torch.equal(above, plain)  # SDXL's grid starts at t = 0.999: no step left to guide
+    assert (interval - everywhere).abs().max() > 1e-3 and (interval - plain).abs().max() > 1e-3
+
+
+@torch.no_grad()
 def test_sde_reproducible_with_per_sample_generators(sd3_loaded):
     cfg, bundle = sd3_loaded
     fam, net = bundle.family, bundle.network
@@ -308,3 +338,18 @@ def test_decode_dtype_reaches_the_bundle_and_rejects_unknown_values(tiny_sd3_dir
     assert load_base(cfg).decode_autocast is torch.bfloat16
     with pytest.raises(ConfigError, match="decode_dtype"):
         resolve("tiny-sd3-random", [], ["model.decode_dtype=fp16"])
+
+
+def test_teacher_generator_names_its_guidance_interval(sdxl_loaded):
+    from dmdr_cli.config.loader import resolve
+    from dmdr_cli.engine.generators import teacher_of
+    from dmdr_cli.errors import ConfigError
+
+    cfg, bundle = sdxl_loaded
+    gen = teacher_of(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, guidance=6.0, guidance_t_min=0.5)),
+                     bundle)
+    assert gen.label.endswith("CFG 6 at t >= 0.5") and gen.describe()["guidance_t_min"] == 0.5
+    assert gen.spec.guidance_at(0.749) == 6.0 and gen.spec.guidance_at(0.249) == 1.0
+    assert teacher_of(cfg, bundle).label.endswith(f"CFG {cfg.teacher.guidance:g}")
+    with pytest.raises(ConfigError, match="teacher.guidance_t_min"):
+        resolve("tiny-sdxl", sets=["teacher.guidance_t_min=-0.1"])
