@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from dmdr_cli.families.base import Cond, predict_cfg
+from dmdr_cli.losses.dmd import interval_cfg
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,6 @@ class SamplerSpec:
     guidance: float = 1.0        # CFG scale; <= 1 means a single conditional pass
     pure_noise_first: bool = False
     guidance_t_min: float = 0.0  # guidance interval: CFG only at steps with t >= this (0: every step)
-
-    def guidance_at(self, t: float) -> float:
-        return self.guidance if t >= self.guidance_t_min else 1.0
 
     @property
     def steps(self) -> int:
@@ -82,7 +80,8 @@ def run_sampler(family, net, spec: SamplerSpec, cond: Cond, uncond: Cond | None,
         xs, cs = (x, cond) if rows is None else (x[rows], cond.index(rows))
         us = uncond if (rows is None or uncond is None or len(uncond) == 1) else uncond.index(rows)
         t = torch.full((xs.shape[0],), float(t_i), device=x.device)
-        out = predict_cfg(family, net, xs, t, cs, us, spec.guidance_at(float(t_i))) if len(xs) else None
+        w = interval_cfg(spec.guidance, t, spec.guidance_t_min)
+        out = predict_cfg(family, net, xs, t, cs, us, w) if len(xs) else None
         t_next = spec.grid[i + 1] if i + 1 < n else spec.t_end
         if spec.mode == "ode":
             x = family.ode_step(xs, out, t, t_next).to(noise.dtype)

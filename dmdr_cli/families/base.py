@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dmdr_cli.losses.dmd import cfg_combine
+
 
 @dataclass
 class Cond:
@@ -98,6 +100,4 @@ def predict_cfg(family: Family, net: torch.nn.Module, x_t: torch.Tensor, t: torc
     un = uncond.expand(b) if len(uncond) == 1 else uncond
     out = family.predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), un.cat(cond))
     out_u, out_c = out.chunk(2)
-    if per_sample:
-        guidance = bcast(guidance, out_c).to(out_c.dtype)
-    return out_u + guidance * (out_c - out_u)
+    return cfg_combine(out_u, out_c, bcast(guidance, out_c).to(out_c.dtype) if per_sample else guidance)

@@ -178,4 +178,3 @@ def interval_cfg(w: float, t: torch.Tensor, t_min: float) -> float | torch.Tenso
         return w
     t = t.to(torch.float32)
     return torch.ones_like(t).masked_fill(t >= t_min, float(w))  # on t's device
-

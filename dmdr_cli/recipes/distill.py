@@ -70,8 +70,8 @@ def dmd_settings(cfg, dmd_weight: float = 1.0):
     from dmdr_cli.engine.dmdr import DMDSettings
 
     d = cfg.distill
-    return DMDSettings(ttur=d.ttur, real_cfg=d.real_cfg, cfg_jitter=d.cfg_jitter, real_cfg_t_min=d.real_cfg_t_min, dynadg=d.dynadg,
-                       dynadg_scale0=d.dynadg_scale0, dynamic_steps=d.dynamic_steps,
+    return DMDSettings(ttur=d.ttur, real_cfg=d.real_cfg, cfg_jitter=d.cfg_jitter, real_cfg_t_min=d.real_cfg_t_min,
+                       dynadg=d.dynadg, dynadg_scale0=d.dynadg_scale0, dynamic_steps=d.dynamic_steps,
                        t_sampler="beta_anneal" if d.t_sampler == "logit_normal" else d.t_sampler,
                        beta_a0=d.beta_a0, beta_b0=d.beta_b0, nan_mode=d.nan_mode, grad_clip=d.grad_clip,
                        dmd_weight=dmd_weight)

@@ -105,6 +105,7 @@ def _write(chunk, images, spec, kind, bundle, cfg, req: SampleRequest, records: 
         save_png(im, req.out_dir / name)
         pil.append(im)
         records.append({"file": name, "prompt": prompt, "seed": seed, "steps": spec.steps,
-                        "guidance": spec.guidance, "guidance_t_min": spec.guidance_t_min, "sampler": kind, "mode": spec.mode,
+                        "guidance": spec.guidance, "guidance_t_min": spec.guidance_t_min, "sampler": kind,
+                        "mode": spec.mode,
                         "grid": [round(t, 6) for t in spec.grid], "model": bundle.source, "family": bundle.family.name,
                         "resolution": cfg.model.resolution})

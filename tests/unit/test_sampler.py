@@ -144,7 +144,7 @@ def test_teacher_guidance_interval(sdxl_loaded, monkeypatch):
     real = sampler_mod.predict_cfg
 
     def spy(family, net, x, t, cond, uncond, w):
-        seen.append((round(float(t[0]), 4), w))
+        seen.append((round(float(t[0]), 4), float(w[0]) if isinstance(w, torch.Tensor) else w))
         return real(family, net, x, t, cond, uncond, w)
 
     monkeypatch.setattr(sampler_mod, "predict_cfg", spy)
@@ -349,7 +349,9 @@ def test_teacher_generator_names_its_guidance_interval(sdxl_loaded):
     gen = teacher_of(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, guidance=6.0, guidance_t_min=0.5)),
                      bundle)
     assert gen.label.endswith("CFG 6 at t >= 0.5") and gen.describe()["guidance_t_min"] == 0.5
-    assert gen.spec.guidance_at(0.749) == 6.0 and gen.spec.guidance_at(0.249) == 1.0
+    from dmdr_cli.losses.dmd import interval_cfg
+
+    assert interval_cfg(gen.spec.guidance, torch.tensor([0.749, 0.249]), gen.spec.guidance_t_min).tolist() == [6.0, 1.0]
     assert teacher_of(cfg, bundle).label.endswith(f"CFG {cfg.teacher.guidance:g}")
     with pytest.raises(ConfigError, match="teacher.guidance_t_min"):
         resolve("tiny-sdxl", sets=["teacher.guidance_t_min=-0.1"])
