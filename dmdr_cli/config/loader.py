@@ -188,7 +188,8 @@ def validate(cfg: DmdrConfig) -> DmdrConfig:
             raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in choices if c)}, got {flat[key]!r}."
                               f"{did_you_mean(str(flat[key]), choices)}")
     for key in ("student.steps", "teacher.steps", "distill.max_steps", "distill.batch_size", "distill.ttur",
-                "finetune_rl.batch_size", "sample.n", "sample.batch_size", "model.resolution"):
+                "finetune_rl.batch_size", "sample.n", "sample.batch_size", "model.resolution",
+                "distill.regression_pairs", "distill.regression_batch"):
         if flat[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {flat[key]}")
     for key in ("distill.ema_decay", "finetune_rl.ema_decay"):
@@ -197,6 +198,10 @@ def validate(cfg: DmdrConfig) -> DmdrConfig:
     for key in ("distill.real_cfg_t_min", "teacher.guidance_t_min"):
         if not 0.0 <= flat[key] < 1.0:
             raise ConfigError(f"{key} must be in [0, 1) (0 = CFG at every t), got {flat[key]}")
+    if not flat["distill.regression_weight"] >= 0.0:
+        raise ConfigError(f"distill.regression_weight must be >= 0 (0 = no regression term), got {flat['distill.regression_weight']}")
+    if not 0.0 < flat["distill.regression_t_max"] <= 1.0:
+        raise ConfigError(f"distill.regression_t_max must be in (0, 1] (1 = every grid step), got {flat['distill.regression_t_max']}")
     if cfg.model.resolution % 8:
         raise ConfigError(f"model.resolution must be a multiple of 8, got {cfg.model.resolution}")
     if cfg.student.grid and len(cfg.student.grid) != cfg.student.steps:

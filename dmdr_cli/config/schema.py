@@ -118,6 +118,10 @@ class DistillConfig:
     sample_every: int = _f(100, "Write a sample grid every this many generator steps.")
     keep_last: int = _f(3, "Checkpoints to keep.")
     ema_decay: float = _f(0.0, "EMA decay of the generator weights (0 = off, as the official recipes; e.g. 0.98). The EMA is the student sample/eval/export use, and stage 2 starts from it.")
+    regression_weight: float = _f(0.0, "Weight of the teacher-trajectory regression (DMD1's paired term on teacher ODE trajectories, made once before training; 0 = off, as DMDR).")
+    regression_pairs: int = _f(512, "Teacher ODE trajectories made for the regression term (teacher.steps, teacher.guidance).")
+    regression_batch: int = _f(8, "Regression pairs per generator update.")
+    regression_t_max: float = _f(1.0, "Regression only at the student grid times <= this (1 = every grid step).")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dmdr_cli.engine import checkpoint as ckpt_io
 from dmdr_cli.engine.dmdr import DMDSettings, critic_loss, generator_loss, simulate_and_select
 from dmdr_cli.engine.ema import EMA, ema_copy, ema_update
 from dmdr_cli.engine.networks import GEN, GUIDE
+from dmdr_cli.engine.regression import regression_loss
 from dmdr_cli.engine.sampler import PromptEncodings
 from dmdr_cli.errors import DmdrError
 
@@ -62,6 +63,9 @@ class TrainPlan:
     stage_start: int = 0            # generator step this stage started at (stage 2: the stage-1 step)
     ema_decay: float = 0.0          # EMA of the generator weights (engine.ema); 0 = none, as the official recipes
     group_simulation: bool = True   # one batched backward simulation per generator state (Trainer._next_inputs)
+    regression_weight: float = 0.0  # teacher-trajectory regression (engine.regression), with Trainer.pairs
+    regression_batch: int = 8
+    regression_t_max: float = 1.0
 
 
 def _adamw(params, lr, wd, plan: TrainPlan, device):
@@ -102,6 +106,7 @@ class Trainer:
         self.ema = ema_copy(roles.gen_parameters()) if plan.ema_decay > 0 else None
         self.ema_updates = 0
         self._pending: deque = deque()  # (prompts, x_c, x_in, t_g) of this generator state's remaining inner steps
+        self.pairs = None               # TeacherPairs of the regression term (set by the recipe when it is on)
 
     # -- state ------------------------------------------------------------------------------------
     def set_lrs(self) -> dict[str, float]:
@@ -267,6 +272,11 @@ class Trainer:
             rl = (lambda x0: self.rl_fn(x0, prompts, cond, self.gen)) if self.rl_fn is not None else None
             with self.accel.autocast():
                 loss_g, stats = generator_loss(self.roles, self.family, s, x_in, t_g, cond, self.uncond, self.k, self.gen, rl)
+                if self.pairs is not None and self.plan.regression_weight > 0:
+                    loss_r, rstats = regression_loss(self.roles, self.family, self.pairs, self.plan.regression_batch,
+                                                     self.gen, self.encode, self.plan.regression_t_max)
+                    loss_g = loss_g + self.plan.regression_weight * loss_r
+                    stats.update(rstats)
             self._check_finite(loss_g, "the generator loss")
             loss_g.backward()
             self._sync_grads(gen)

@@ -105,6 +105,35 @@ def sample_prompts(prompts: list[str], n: int = 4) -> list[str]:
     return prompts[::max(1, len(prompts) // n)][:n]
 
 
+def teacher_pairs(cfg, bundle, roles, prompts: list[str], spec, trainer, run_dir: Path, is_main: bool):
+    """The regression term's teacher ODE trajectories (engine.regression): made once with the frozen base and
+    kept in the run directory, so ``--resume`` reads them instead of integrating the teacher again."""
+    import time
+
+    from dmdr_cli.engine.regression import PAIRS_FILE, load_pairs, make_pairs, pairs_key, save_pairs
+
+    d, t = cfg.distill, cfg.teacher
+    settings = dict(n=d.regression_pairs, grid=list(spec.grid), steps=t.steps, guidance=t.guidance,
+                    guidance_t_min=t.guidance_t_min, seed=cfg.runtime.seed, base=bundle.source,
+                    resolution=cfg.model.resolution, prompts=pairs_key(prompts=prompts))
+    key = pairs_key(**settings)
+    path = run_dir / PAIRS_FILE
+    pairs = load_pairs(path, key, bundle.device)
+    if pairs is not None:
+        trainer.sink.event(f"teacher pairs: {len(pairs)} ODE trajectories read from {PAIRS_FILE}")
+        return pairs
+    start = time.perf_counter()
+    pairs = make_pairs(bundle, roles, prompts, d.regression_pairs, spec.grid, teacher_steps=t.steps,
+                       guidance=t.guidance, guidance_t_min=t.guidance_t_min, seed=cfg.runtime.seed,
+                       latent_shape=trainer.latent_shape, encode=trainer.encode)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_pairs(path, pairs, key)
+    trainer.sink.event(f"teacher pairs: {len(pairs)} ODE trajectories ({t.steps} steps, CFG {t.guidance:g}) made in "
+                       f"{time.perf_counter() - start:.0f} s for the regression term")
+    return pairs
+
+
 def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
     """Run stage 1 into ``run_dir``; returns the last checkpoint path."""
     from dmdr_cli.engine.metrics import FanOut, JsonlSink
@@ -127,9 +156,13 @@ def run(cfg, run_dir: Path, *, resume: bool = False, sink=None):
                      adam_eps=d.adam_eps, use_8bit_adam=d.use_8bit_adam, checkpoint_every=d.checkpoint_every,
                      sample_every=d.sample_every, keep_last=d.keep_last, sde_input=cfg.student.sde_input,
                      seed=cfg.runtime.seed, resolution=cfg.model.resolution, dmd=dmd_settings(cfg),
-                     identity=identity(cfg, bundle), ema_decay=d.ema_decay, group_simulation=d.group_simulation)
+                     identity=identity(cfg, bundle), ema_decay=d.ema_decay, group_simulation=d.group_simulation,
+                     regression_weight=d.regression_weight, regression_batch=d.regression_batch,
+                     regression_t_max=d.regression_t_max)
     sinks = FanOut(JsonlSink(run_dir / "metrics.jsonl"), sink) if accel.is_main_process else FanOut()
     trainer = Trainer(bundle, roles, spec, plan, stream, sinks, accel, sample_prompts=sample_prompts(prompts))
+    if d.regression_weight > 0:
+        trainer.pairs = teacher_pairs(cfg, bundle, roles, prompts, spec, trainer, run_dir, accel.is_main_process)
     if resume:
         trainer.restore(latest(run_dir), same_stage=True)
     if accel.is_main_process:

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from dmdr_cli.app import app
 from dmdr_cli.engine.checkpoint import checkpoint_dirs, load_extras, load_groups, read_state
 from dmdr_cli.engine.metrics import read_metrics
+from dmdr_cli.engine.regression import PAIRS_FILE
 
 RUN_FILES = {"gen.safetensors", "guide.safetensors", "optimizer.pt", "rng.pt", "state.json"}
 VOLATILE = {"time", "time/step_s", "mem/peak_mb"}
@@ -141,6 +142,35 @@ def test_exact_resume_is_bit_identical(sd3_run, tmp_path):
     assert sa["j"] == sb["j"] == 21 and sa["prompt_stream"] == sb["prompt_stream"]
     ra, rb = load_extras(straight / "checkpoints/step-000004")[1], load_extras(resumed / "checkpoints/step-000004")[1]
     assert torch.equal(ra["train_gen"][0], rb["train_gen"][0])
+
+
+def test_regression_term_resumes_exactly_from_its_cached_pairs(tmp_path):
+    """``distill.regression_weight``: the teacher pairs are made once, kept in the run directory and read back by
+    ``--resume`` (a damaged cache is made again): both continue bit for bit like the uninterrupted run."""
+    sets = ["--set", "distill.regression_weight=1", "--set", "distill.regression_pairs=6",
+            "--set", "distill.checkpoint_every=2", "--set", "distill.sample_every=0"]
+    base = ("distill", "--base", "tiny-sd3-random")
+    straight = tmp_path / "straight"
+    res = dmdr(*base, "--max-steps", 4, "--out", straight, *sets)
+    ok(res)
+    assert "teacher pairs: 6 ODE trajectories (" in res.output
+    part = tmp_path / "part"
+    ok(dmdr(*base, "--max-steps", 2, "--out", part, *sets))
+    damaged = copy_run(part, tmp_path / "damaged")
+    (damaged / PAIRS_FILE).write_bytes(b"not a safetensors file")
+    res = dmdr(*base, "--max-steps", 4, "--out", part, "--resume", *sets)
+    ok(res)
+    assert f"teacher pairs: 6 ODE trajectories read from {PAIRS_FILE}" in res.output
+    res_damaged = dmdr(*base, "--max-steps", 4, "--out", damaged, "--resume", *sets)
+    ok(res_damaged)
+    assert "made in" in res_damaged.output
+    a = metrics_by_step(straight)
+    assert all(a[s]["loss/reg"] > 0 for s in (1, 2, 3, 4))
+    for run in (part, damaged):
+        assert_same_tensors(straight / "checkpoints/step-000004", run / "checkpoints/step-000004")
+        b = metrics_by_step(run)
+        for step in (3, 4):
+            assert a[step] == b[step], (run.name, step)
 
 
 def test_run_directory_refusals(sd3_run, tmp_path):
