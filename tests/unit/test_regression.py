@@ -73,13 +73,18 @@ def test_pairs_are_seeded_per_pair_and_do_not_depend_on_the_batch(st):
     assert float(a.xs[0].std()) == pytest.approx(1.0, abs=0.25)
 
 
+def random_pairs(cfg, bundle, grid, seed: int) -> TeacherPairs:
+    """Three made-up trajectories (random points and ends) over ``grid``, for the loss tests."""
+    shape = bundle.family.latent_shape(bundle, cfg.model.resolution)
+    g = torch.Generator().manual_seed(seed)
+    return TeacherPairs(grid, PROMPTS, torch.randn((len(grid), 3, *shape), generator=g), torch.randn((3, *shape), generator=g))
+
+
 def test_regression_loss_matches_a_hand_computation(st):
     cfg, bundle, roles = st
     fam = bundle.family
-    shape = fam.latent_shape(bundle, cfg.model.resolution)
     grid = (1.0, 0.8, 0.5)
-    g0 = torch.Generator().manual_seed(11)
-    pairs = TeacherPairs(grid, PROMPTS, torch.randn((3, 3, *shape), generator=g0), torch.randn((3, *shape), generator=g0))
+    pairs = random_pairs(cfg, bundle, grid, seed=11)
     gen = torch.Generator().manual_seed(5)
     ref = torch.Generator().manual_seed(5)
     loss, stats = regression_loss(roles, fam, pairs, 4, gen, PromptEncodings(fam, bundle))
@@ -108,10 +113,8 @@ def test_regression_t_max_keeps_the_low_noise_grid_steps(st):
     """``t_max``: grid indices are drawn among the times <= t_max only (here 0.8 and 0.5 of [1, 0.8, 0.5])."""
     cfg, bundle, roles = st
     fam = bundle.family
-    shape = fam.latent_shape(bundle, cfg.model.resolution)
     grid = (1.0, 0.8, 0.5)
-    g0 = torch.Generator().manual_seed(2)
-    pairs = TeacherPairs(grid, PROMPTS, torch.randn((3, 3, *shape), generator=g0), torch.randn((3, *shape), generator=g0))
+    pairs = random_pairs(cfg, bundle, grid, seed=2)
     seen = []
     original = fam.predict
 
