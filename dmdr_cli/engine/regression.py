@@ -12,7 +12,7 @@ distribution), and the two losses share their optimum. The pairs are made once, 
 frozen base (the ``teacher`` role), so the term needs no real images (the method stays image-free).
 
 ``L_reg = mean_{b, CHW} ( x0_hat(x_{t_i}, t_i) - y )^2`` on ``batch`` pairs per generator update, each at its own
-grid index ``i ~ U{0..N-1}``; the generator minimises ``L_dmd + weight * L_reg``.
+grid index ``i``, uniform over the grid times ``<= t_max``; the generator minimises ``L_dmd + weight * L_reg``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from dmdr_cli.engine.sampler import SamplerSpec, run_sampler
 from dmdr_cli.io import atomic_write_bytes
-
-from dmdr_cli.families.base import predict_cfg
-from dmdr_cli.losses.dmd import interval_cfg
 
 
 @dataclass
@@ -56,28 +53,26 @@ def merged_grid(teacher_grid: list[float], student_grid: tuple[float, ...]) -> l
 @torch.no_grad()
 def teacher_trajectories(family, net, grid: list[float], record: tuple[float, ...], cond, uncond, noise: torch.Tensor,
                          guidance: float, guidance_t_min: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Euler ODE with CFG from ``noise`` over ``grid`` (ending at t = 0); returns the states at the ``record``
-    times (each must be on ``grid``) and the final state."""
-    want = {float(t): i for i, t in enumerate(record)}
-    seen: list[torch.Tensor | None] = [None] * len(record)
-    x = noise.float()
-    for i, t_i in enumerate(grid):
-        if float(t_i) in want:
-            seen[want[float(t_i)]] = x.clone()
-        t = torch.full((x.shape[0],), float(t_i), device=x.device)
-        out = predict_cfg(family, net, x.to(noise.dtype), t, cond, uncond, interval_cfg(guidance, t, guidance_t_min))
-        t_next = grid[i + 1] if i + 1 < len(grid) else 0.0
-        x = family.ode_step(x, out, t, t_next)
-    missing = [record[i] for i, s in enumerate(seen) if s is None]
+    """The teacher's sampler (``run_sampler``: Euler ODE with CFG) from ``noise`` over ``grid`` to t = 0, run in
+    segments that end at the ``record`` times (each must be on ``grid``); returns the states at those times and the
+    final state (fp32)."""
+    missing = [t for t in record if float(t) not in grid]
     if missing:
         raise ValueError(f"record times {missing} are not on the integration grid")
-    return seen, x
+    cuts = sorted({0, *(grid.index(float(t)) for t in record)}) + [len(grid)]
+    x, at = noise, {}
+    for a, b in zip(cuts, cuts[1:]):
+        at[a] = x
+        spec = SamplerSpec(tuple(grid[a:b]), grid[b] if b < len(grid) else 0.0, "ode", guidance,
+                           guidance_t_min=guidance_t_min)
+        x = run_sampler(family, net, spec, cond, uncond, x)
+    return [at[grid.index(float(t))].float() for t in record], x.float()
 
 
 @torch.no_grad()
 def make_pairs(bundle, roles, prompts: list[str], n: int, student_grid: tuple[float, ...], *, teacher_steps: int,
-               guidance: float, guidance_t_min: float, seed: int, latent_shape, encode, batch: int = 64,
-               log=None) -> TeacherPairs:
+               guidance: float, guidance_t_min: float, seed: int, latent_shape, encode,
+               batch: int = 64) -> TeacherPairs:
     """``n`` teacher trajectories for prompts drawn (seeded) from the training prompts; pair ``p``'s noise comes
     from its own generator, so the pairs do not depend on ``batch``."""
     family = bundle.family
@@ -86,7 +81,6 @@ def make_pairs(bundle, roles, prompts: list[str], n: int, student_grid: tuple[fl
     grid = merged_grid(family.teacher_grid(teacher_steps), student_grid)
     uncond = family.encode_prompts(bundle, [""])
     xs_parts, y_parts = [], []
-    start = time.perf_counter()
     with roles.role("teacher") as net:
         for lo in range(0, n, batch):
             rows = range(lo, min(n, lo + batch))
@@ -96,8 +90,6 @@ def make_pairs(bundle, roles, prompts: list[str], n: int, student_grid: tuple[fl
                                            noise, guidance, guidance_t_min)
             xs_parts.append(torch.stack(seen))
             y_parts.append(y)
-            if log is not None:
-                log(len(rows) + lo, n, time.perf_counter() - start)
     return TeacherPairs(tuple(float(t) for t in student_grid), chosen, torch.cat(xs_parts, dim=1),
                         torch.cat(y_parts))
 
@@ -116,7 +108,7 @@ def regression_loss(roles, family, pairs: TeacherPairs, batch: int, gen: torch.G
     t = torch.tensor([pairs.grid[i] for i in idx.tolist()], device=device)
     cond = encode([pairs.prompts[r] for r in rows.tolist()])
     with roles.role("gen") as net:
-        out = family.predict(net, x_t.to(next(net.parameters()).dtype), t, cond)
+        out = family.predict(net, x_t, t, cond)
     x0 = family.to_x0(x_t, out, t)
     loss = (x0 - pairs.y[rows.to(device)].float()).pow(2).mean()
     roles.activate("gen")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dmdr_cli.config.loader import resolve
-from dmdr_cli.engine.regression import TeacherPairs, make_pairs, merged_grid, regression_loss, teacher_trajectories
+from dmdr_cli.engine.regression import (TeacherPairs, load_pairs, make_pairs, merged_grid, regression_loss, save_pairs,
+                                        teacher_trajectories)
 from dmdr_cli.engine.sampler import PromptEncodings, SamplerSpec, run_sampler, student_spec
 from dmdr_cli.errors import ConfigError
 from dmdr_cli.families.loading import load_base
@@ -51,6 +52,12 @@ def test_trajectories_are_the_teacher_sampler_stopped_at_each_student_time(st):
             torch.testing.assert_close(x, ref.float(), atol=1e-5, rtol=1e-5)
         full = run_sampler(fam, net, SamplerSpec(tuple(grid), 0.0, "ode", 4.0), cond, uncond, noise)
         torch.testing.assert_close(y, full.float(), atol=1e-5, rtol=1e-5)
+        x = noise.float()  # by hand: Euler x <- x + (t' - t)(v_u + 4 (v_c - v_u)) over the grid to 0
+        for i, t_i in enumerate(grid):
+            t = torch.full((2,), t_i)
+            v_c, v_u = fam.predict(net, x, t, cond), fam.predict(net, x, t, uncond.expand(2))
+            x = x + ((grid[i + 1] if i + 1 < len(grid) else 0.0) - t_i) * (v_u + 4.0 * (v_c - v_u))
+        torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="not on the integration grid"):
             teacher_trajectories(fam, net, fam.teacher_grid(6), (1.0, 0.123), cond, uncond, noise, guidance=4.0)
 
@@ -141,3 +148,18 @@ def test_regression_t_max_keeps_the_low_noise_grid_steps(st):
 def test_regression_settings_are_checked(setting):
     with pytest.raises(ConfigError, match=setting.split("=")[0]):
         resolve("tiny-sd3-random", sets=[setting])
+
+
+def test_cached_pairs_are_read_back_only_with_their_key(st, tmp_path):
+    cfg, bundle, _ = st
+    pairs = random_pairs(cfg, bundle, (1.0, 0.8, 0.5), seed=4)
+    path = tmp_path / "pairs.safetensors"
+    assert load_pairs(path, "k1", bundle.device) is None  # missing
+    save_pairs(path, pairs, "k1")
+    back = load_pairs(path, "k1", bundle.device)
+    assert back.grid == pairs.grid and back.prompts == pairs.prompts
+    assert torch.equal(back.xs, pairs.xs) and torch.equal(back.y, pairs.y)
+    assert load_pairs(path, "k2", bundle.device) is None  # made with other settings
+    path.write_bytes(path.read_bytes()[:100])
+    assert load_pairs(path, "k1", bundle.device) is None  # damaged
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.safetensors"]  # no temp file left by the atomic write
