@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 # What the committed tables were measured with, where the preset has moved on: an empty student.grid computes the
 # grid from model.shift (3; the preset uses a shift-4 grid), and an empty model.decode_dtype decodes in fp32 (the
-# preset decodes in bf16 on AMX / AVX512-BF16 CPUs), and no teacher-trajectory regression term (the preset's came
-# later; the ablations are of DMDR, which has none)
+# preset decodes in bf16 on AMX / AVX512-BF16 CPUs); distill.regression_weight=0 keeps the tables DMDR's (which has
+# no regression term) should the preset ever turn that opt-in term on
 PINNED = ["student.grid=[]", "model.decode_dtype=", "distill.regression_weight=0"]
 
 COLD_START = {

@@ -106,7 +106,7 @@ class Trainer:
         self.ema = ema_copy(roles.gen_parameters()) if plan.ema_decay > 0 else None
         self.ema_updates = 0
         self._pending: deque = deque()  # (prompts, x_c, x_in, t_g) of this generator state's remaining inner steps
-        self.pairs = None               # TeacherPairs of the regression term (set by the recipe when it is on)
+        self.pairs = None               # TeacherPairs of the regression term (set by the recipe iff its weight > 0)
 
     # -- state ------------------------------------------------------------------------------------
     def set_lrs(self) -> dict[str, float]:
@@ -272,7 +272,7 @@ class Trainer:
             rl = (lambda x0: self.rl_fn(x0, prompts, cond, self.gen)) if self.rl_fn is not None else None
             with self.accel.autocast():
                 loss_g, stats = generator_loss(self.roles, self.family, s, x_in, t_g, cond, self.uncond, self.k, self.gen, rl)
-                if self.pairs is not None and self.plan.regression_weight > 0:
+                if self.pairs is not None:
                     loss_r, rstats = regression_loss(self.roles, self.family, self.pairs, self.plan.regression_batch,
                                                      self.gen, self.encode, self.plan.regression_t_max)
                     loss_g = loss_g + self.plan.regression_weight * loss_r
